@@ -1,0 +1,1 @@
+"""virtex's built-in plugins: each registers through the ``virtex`` entry-point group."""

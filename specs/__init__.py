@@ -1,0 +1,1 @@
+"""Built-in specs (gin files), installed as package data of ``virtex.specs``."""

@@ -1,0 +1,36 @@
+"""Helpers for tests that run ``python -m virtex.run`` as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | str | None = None, pythonpath: list[Path] | None = None,
+            timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.setdefault("VIRTEX_CACHE", str(Path(cwd or REPO) / ".virtex_cache"))
+    if pythonpath:
+        full_env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), full_env.get("PYTHONPATH", "")])
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "virtex.run", *args], cwd=cwd or REPO, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def make_distribution(site: Path, dist: str, modules: dict[str, str], entry_points: dict[str, str]) -> Path:
+    """A real installed distribution (dist-info with entry_points.txt) under ``site``."""
+    site.mkdir(parents=True, exist_ok=True)
+    for name, source in modules.items():
+        (site / f"{name}.py").write_text(source)
+    info = site / f"{dist}-0.1.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "".join(f"{k} = {v}\n" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[virtex]\n{lines}")
+    return site

@@ -1,0 +1,78 @@
+"""What the runner hands to evaluators and the trainer."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class RunLogger:
+    """Metrics to tensorboard, ``log.txt`` and ``metrics.jsonl``, on rank 0 only."""
+
+    def __init__(self, run_dir: Path, rank: int = 0):
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self._writer = None
+
+    @property
+    def writer(self):  # tensorboard import is slow: only when first used
+        if self._writer is None and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._writer
+
+    def info(self, message: str) -> None:
+        if self.rank != 0:
+            return
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+        print(line, flush=True)
+        with open(self.run_dir / "log.txt", "a") as f:
+            f.write(line + "\n")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.rank != 0:
+            return
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, float(value), step)
+        self.writer.flush()
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.rank == 0:
+            self.writer.add_text(tag, text, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+@dataclass
+class Context:
+    """The evaluator contract: ``evaluator(ctx) -> dict[str, float]``."""
+
+    run_dir: Path
+    device: torch.device
+    logger: RunLogger
+    backbone: torch.nn.Module | None = None
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    step: int = 0
+    ckpt: Path | None = None
+    model: torch.nn.Module | None = None  # the pretraining task model, when there is one
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logger.log(metrics, self.step if step is None else step)
+
+    def info(self, message: str) -> None:
+        self.logger.info(message)

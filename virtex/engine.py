@@ -1,0 +1,352 @@
+"""The training engine: deterministic data order, exact resume, DDP, AMP.
+
+Exact resume rests on two rules: the batch of step ``s`` is a pure function of
+``(seed, s)`` (see :class:`StepBatchSampler`), and every other source of
+randomness (the RNG states of every process) is saved in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gin
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from virtex import checkpoint, dist
+from virtex.context import Context
+
+
+class SampleSeeded(Dataset):
+    """Seeds every RNG from the key before each sample, so augmentation is reproducible."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        if torch.utils.data.get_worker_info() is not None:  # a worker: its RNGs are its own
+            return self._seeded(index, seed)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):  # the main process keeps its RNG streams
+            try:
+                return self._seeded(index, seed)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+    def _seeded(self, index: int, seed: int) -> Any:
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        return self.dataset[index]
+
+
+class StepBatchSampler:
+    """This rank's share of the global batch of every step in ``[start_step, max_steps)``.
+
+    Sample position ``p = step * batch + j`` falls in epoch ``p // len(dataset)``,
+    whose order is a permutation seeded by ``(seed, epoch)``; the per-sample
+    augmentation seed is a function of ``(seed, p)``. Nothing depends on how
+    many workers load the data or on where a run was resumed.
+    """
+
+    def __init__(self, size: int, global_batch: int, rank: int, world_size: int,
+                 seed: int, start_step: int, max_steps: int):
+        if global_batch % world_size:
+            raise ValueError(f"batch_size {global_batch} is not divisible by {world_size} processes")
+        self.size, self.batch, self.rank = size, global_batch, rank
+        self.local = global_batch // world_size
+        self.seed, self.start_step, self.max_steps = seed, start_step, max_steps
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _index(self, position: int) -> int:
+        epoch = position // self.size
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.size, generator=g))
+        return int(self._perm[1][position % self.size])
+
+    def _sample_seed(self, position: int) -> int:
+        return (self.seed * 2_147_483_647 + position * 7919 + 12345) % (2**62)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start_step, self.max_steps):
+            first = step * self.batch + self.rank * self.local
+            yield [(self._index(p), self._sample_seed(p)) for p in range(first, first + self.local)]
+
+    def __len__(self) -> int:
+        return max(0, self.max_steps - self.start_step)
+
+
+class Lookahead:
+    """Lookahead (Zhang et al. 2019): every ``k`` steps pull slow weights ``alpha`` toward fast ones."""
+
+    def __init__(self, params: list[nn.Parameter], alpha: float = 0.5, k: int = 5):
+        self.params, self.alpha, self.k = params, alpha, k
+        self.slow = [p.detach().clone() for p in params]
+        self.counter = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.counter += 1
+        if self.counter % self.k:
+            return
+        for p, s in zip(self.params, self.slow):
+            s.add_(p.detach() - s, alpha=self.alpha)
+            p.copy_(s)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counter": self.counter, "slow": self.slow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counter = int(state["counter"])
+        for s, saved in zip(self.slow, state["slow"]):
+            s.copy_(saved)
+
+
+def lr_multiplier(step: int, warmup_steps: int, max_steps: int, schedule: str,
+                  milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
+    """Linear warmup, then ``cosine``, ``multistep`` or ``constant``."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "multistep":
+        return gamma ** sum(step >= m for m in milestones)
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"trainer.schedule: unknown '{schedule}', expected cosine, multistep or constant")
+
+
+def param_groups(model: nn.Module, lr: float, backbone_lr: float | None,
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """Backbone vs. rest (separate learning rates); no weight decay on norms and biases."""
+    visual = getattr(model, "visual", None)
+    visual_ids = {id(p) for p in visual.parameters()} if visual is not None else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            key = (id(p) in visual_ids and backbone_lr is not None, p.ndim <= 1)
+            groups.setdefault(key, []).append(p)
+    out = []
+    for (is_visual, no_decay), params in sorted(groups.items()):
+        out.append({
+            "params": params,
+            "lr": backbone_lr if is_visual else lr,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "name": ("backbone" if is_visual else "head") + ("_no_decay" if no_decay else ""),
+        })
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(int(x) for x in state["python"]), state["python_pos"]))
+
+
+def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        if channels_last and batch.ndim == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+@gin.configurable("trainer", denylist=["model", "ctx"])
+class Trainer:
+    """Pretrains a task model; checkpoints are written to ``run_dir/checkpoints``."""
+
+    def __init__(
+        self,
+        dataset: Dataset = gin.REQUIRED,
+        batch_size: int = 256,
+        max_steps: int = 500_000,
+        optimizer: str = "sgd",
+        lr: float = 0.001,
+        backbone_lr: float | None = 0.2,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 10_000,
+        schedule: str = "cosine",
+        milestones: tuple[int, ...] = (),
+        gamma: float = 0.1,
+        lookahead: bool = True,
+        lookahead_alpha: float = 0.5,
+        lookahead_k: int = 5,
+        clip_grad_norm: float | None = 10.0,
+        amp: str | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        fused: bool = True,
+        num_workers: int = 4,
+        checkpoint_every: int = 2000,
+        keep_last: int = 3,
+        keep_every: int | None = None,
+        log_every: int = 20,
+    ):
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"trainer.optimizer: unknown '{optimizer}', expected sgd or adamw")
+        if amp not in (None, "fp16", "bf16"):
+            raise ValueError(f"trainer.amp: unknown '{amp}', expected None, 'fp16' or 'bf16'")
+        lr_multiplier(0, warmup_steps, max_steps, schedule, tuple(milestones), gamma)
+        self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
+        self.milestones = tuple(milestones)
+
+    # -- construction -----------------------------------------------------------------
+    def _optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+        groups = param_groups(model, self.lr, self.backbone_lr, self.weight_decay)
+        fused = bool(self.fused and device.type == "cuda")
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum,
+                                   nesterov=self.nesterov, fused=fused or None)
+        return torch.optim.AdamW(groups, lr=self.lr, fused=fused or None)
+
+    def _loader(self, ctx: Context, start_step: int) -> DataLoader:
+        sampler = StepBatchSampler(len(self.dataset), self.batch_size, ctx.rank, ctx.world_size,
+                                   ctx.seed, start_step, self.max_steps)
+        workers = self.num_workers
+        return DataLoader(
+            SampleSeeded(self.dataset),
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=getattr(self.dataset, "collate_fn", None),
+            pin_memory=ctx.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    # -- the loop ---------------------------------------------------------------------
+    def fit(self, model: nn.Module, ctx: Context) -> nn.Module:
+        device = ctx.device
+        model.to(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        optimizer = self._optimizer(model, device)
+        base_lrs = [g["lr"] for g in optimizer.param_groups]
+        lookahead = Lookahead([p for g in optimizer.param_groups for p in g["params"]],
+                              self.lookahead_alpha, self.lookahead_k) if self.lookahead else None
+        scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
+        ckpt_dir = ctx.run_dir / "checkpoints"
+
+        step = 0
+        latest = checkpoint.load_latest(ckpt_dir, map_location=device)
+        if latest is not None:
+            path, state = latest
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            if lookahead is not None and state.get("lookahead"):
+                lookahead.load_state_dict(state["lookahead"])
+            step = int(state["step"])
+            rngs = state["rng"]
+            _set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) else rngs[0])
+            ctx.info(f"resumed from {path} at step {step}")
+        ctx.step = step
+        if step >= self.max_steps:
+            ctx.info(f"training already finished ({step} steps)")
+            return model
+
+        train_model: nn.Module = model
+        if ctx.world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.compile:
+            train_model = torch.compile(train_model)  # type: ignore[assignment]
+        autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.amp or "")
+
+        def save(at: int) -> None:
+            rngs = dist.gather_objects(_rng_state())
+            if ctx.rank == 0:
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "lookahead": lookahead.state_dict() if lookahead is not None else {},
+                    "step": at,
+                    "rng": rngs,
+                }
+                checkpoint.save(state, ckpt_dir, at)
+                checkpoint.prune(ckpt_dir, self.keep_last, self.keep_every)
+            dist.barrier()
+
+        bar = None
+        if ctx.rank == 0 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.max_steps, initial=step, desc="train", dynamic_ncols=True)
+        model.train()
+        seen, t0 = 0, time.perf_counter()
+        for batch in self._loader(ctx, step):
+            mult = lr_multiplier(step, self.warmup_steps, self.max_steps, self.schedule,
+                                 self.milestones, self.gamma)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * mult
+            batch = _to_device(batch, device, self.channels_last)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                out = train_model(batch)
+            loss = out["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if self.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            if lookahead is not None:
+                lookahead.update()
+            step += 1
+            ctx.step = step
+            seen += self.batch_size
+
+            if step % self.log_every == 0 or step == self.max_steps:
+                losses = {f"loss/{k}": dist.mean(v.float()).item() for k, v in out["losses"].items()}
+                total = dist.mean(loss.detach().float()).item()
+                elapsed = time.perf_counter() - t0
+                metrics = {"loss/total": total, **losses, "throughput/images_per_s": seen / elapsed}
+                for group in optimizer.param_groups:
+                    metrics[f"lr/{group['name']}"] = group["lr"]
+                ctx.log(metrics, step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{total:.4f}")
+                else:
+                    ctx.info(f"step {step}/{self.max_steps} loss {total:.4f} "
+                             f"({seen / elapsed:.1f} img/s)")
+                seen, t0 = 0, time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            if step % self.checkpoint_every == 0 or step == self.max_steps:
+                save(step)
+        if bar is not None:
+            bar.close()
+        return model

@@ -1,0 +1,97 @@
+"""``python -m virtex.run SPEC [--gin_param NAME=VALUE ...]``: run any spec."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import gin
+
+from virtex.config import available_specs
+from virtex.errors import UserError
+from virtex.registry import KINDS, get_registry
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m virtex.run",
+        description="Run a virtex spec (a gin file, or a spec name from a plugin's spec dir).",
+    )
+    p.add_argument("spec", nargs="?", help="spec path or name, e.g. specs/quickstart.gin")
+    p.add_argument("--gin_param", action="append", default=[], metavar="NAME=VALUE",
+                   help="bind a value (repeatable); a bare path or word is taken as a string")
+    p.add_argument("--run_dir", help="run directory (default runs/<spec>/<config hash>)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="resume from the run dir's newest checkpoint (default: yes)")
+    p.add_argument("--print_config", action="store_true", help="print the config and exit")
+    p.add_argument("--list", action="store_true", help="list every registered component")
+    p.add_argument("--launcher", default="local", help="launcher plugin (default: local)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="processes per node (GPUs; on a CPU-only machine, gloo CPU processes)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def list_components() -> str:
+    registry = get_registry()
+    lines = []
+    for kind in KINDS:
+        lines.append(f"{kind}:")
+        for c in registry.components(kind):
+            lines.append(f"  {kind + '.' + c.name:<40} (plugin: {c.plugin})")
+    lines.append("specs:")
+    for name in available_specs(registry.spec_dirs()):
+        lines.append(f"  {name}")
+    for f in registry.failures:
+        lines.append(f"failed plugin: {f.plugin} ({f.entry_point}): {f.error}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = _parser().parse_known_args(argv)
+    try:
+        registry = get_registry()
+        if args.list:
+            print(list_components())
+            return 0
+        if not args.spec:
+            raise UserError("no spec given: python -m virtex.run SPEC (or --list)")
+        from virtex.runner import format_table, prepare
+
+        launcher_factory = registry.get("launchers", args.launcher)
+        launcher = launcher_factory()
+        if extra:
+            options = getattr(launcher, "parse_options", None)
+            if options is None:
+                raise UserError(f"unrecognized arguments: {' '.join(extra)}")
+            options(extra)
+        job = prepare(args.spec, args.gin_param, args.run_dir, args.gpus, args.nodes, args.seed, argv)
+        if args.print_config:
+            print(gin.config_str(), end="")
+            return 0
+        if not args.resume:
+            ckpts = Path(job.run_dir) / "checkpoints"
+            if any(ckpts.glob("step_*.pt")):
+                raise UserError(f"{job.run_dir} already has checkpoints and --no-resume was given: "
+                                "choose another --run_dir")
+        rc = launcher.launch(job)
+        metrics_file = Path(job.run_dir) / "metrics.json"
+        if rc == 0 and metrics_file.is_file():
+            print(format_table(json.loads(metrics_file.read_text())))
+            print(f"run directory: {job.run_dir}")
+        return rc
+    except UserError as exc:
+        print(f"virtex: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("virtex: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""The generic runner: what a spec asks for, run in one process of a launch.
+
+A launcher (local, SLURM, ...) turns a :class:`Job` into processes; each process
+calls :func:`run_job`, which re-reads the spec, joins the process group, builds
+the experiment from gin and runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gin
+import numpy as np
+import torch
+
+from virtex import dist, io
+from virtex.config import parse_spec, resolve_spec, spec_name
+from virtex.context import Context, RunLogger
+from virtex.errors import UserError
+from virtex.registry import get_registry
+from virtex.weights import load_backbone_weights
+
+
+@dataclass
+class Job:
+    """Everything a process needs to run a spec; picklable for spawn and SLURM."""
+
+    spec: str
+    spec_name: str
+    params: list[str]
+    run_dir: str
+    gpus: int | None = None
+    nodes: int = 1
+    seed: int = 0
+    command: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def processes(self) -> int:
+        return max(1, self.gpus or 1) * max(1, self.nodes)
+
+
+def config_hash(config: str, seed: int) -> str:
+    return hashlib.sha1(f"{config}\nseed={seed}".encode()).hexdigest()[:8]
+
+
+def prepare(spec: str, params: Sequence[str], run_dir: str | None = None, gpus: int | None = None,
+            nodes: int = 1, seed: int = 0, argv: Sequence[str] | None = None) -> Job:
+    """Resolve and parse a spec (all errors surface here), choose and create the run dir."""
+    registry = get_registry()
+    spec_dirs = registry.spec_dirs()
+    path = resolve_spec(spec, spec_dirs)
+    parse_spec(path, params, spec_dirs, registry)
+    name = spec_name(path, spec_dirs)
+    config = gin.config_str()
+    if run_dir is None:
+        run_dir = str(Path("runs") / name / config_hash(config, seed))
+    command = shlex.join(["python", "-m", "virtex.run", *(argv if argv is not None else sys.argv[1:])])
+    return Job(str(path), name, list(params), str(Path(run_dir).resolve()), gpus, nodes, seed, command)
+
+
+def init_run_dir(job: Job) -> Path:
+    run_dir = Path(job.run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    io.write_text(run_dir / "command.txt", job.command + "\n")
+    io.write_text(run_dir / "config.gin", gin.config_str())
+    return run_dir
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _device(job: Job, local_rank: int) -> torch.device:
+    if job.gpus and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def run_job(job: Job, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+            master_addr: str = "127.0.0.1", master_port: int = 29500) -> dict[str, float]:
+    """Run one process of ``job``; rank 0 writes ``metrics.json`` and returns the metrics."""
+    registry = get_registry()
+    parse_spec(Path(job.spec), job.params, registry.spec_dirs(), registry)
+    device = _device(job, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init(rank, world_size, master_addr, master_port, backend)
+    try:
+        run_dir = Path(job.run_dir)
+        if rank == 0:
+            init_run_dir(job)
+        dist.barrier()
+        _seed_everything(job.seed + rank)
+        logger = RunLogger(run_dir, rank)
+        ctx = Context(run_dir=run_dir, device=device, logger=logger, rank=rank,
+                      world_size=world_size, seed=job.seed)
+        logger.info(f"run {job.spec_name} in {run_dir} on {device} ({world_size} process(es))")
+        try:
+            metrics = experiment(ctx)
+        except RuntimeError as exc:
+            if "Required bindings" in str(exc):
+                raise UserError(str(exc).splitlines()[0]) from None
+            raise
+        finally:
+            if rank == 0:
+                io.write_text(run_dir / "operative_config.gin", gin.operative_config_str())
+            logger.close()
+        if rank == 0:
+            io.write_json(run_dir / "metrics.json", metrics)
+        return metrics
+    finally:
+        dist.shutdown()
+
+
+def _evaluate(evaluators: Sequence[Callable], ctx: Context, prefix: str = "") -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for evaluator in evaluators:
+        name = type(evaluator).__name__
+        ctx.info(f"evaluating {prefix or ''}{name}")
+        result = evaluator(ctx)
+        if not isinstance(result, dict):
+            raise UserError(f"evaluator {name} returned {type(result).__name__}, expected a dict of metrics")
+        for key, value in result.items():
+            full = f"{prefix}{key}"
+            if full in metrics:
+                full = f"{prefix}{name}/{key}"
+            metrics[full] = float(value)
+    return metrics
+
+
+@gin.configurable("experiment", denylist=["ctx"])
+def experiment(
+    ctx: Context,
+    backbone: Callable[[], torch.nn.Module] | None = None,
+    task: Callable[[], torch.nn.Module] | None = None,
+    trainer: Any = None,
+    evaluators: Sequence[Callable] = (),
+    ckpt: str | None = None,
+    weight_init: str = "virtex",
+    compare_random_init: bool = False,
+) -> dict[str, float]:
+    """Pretrain ``task`` with ``trainer`` (if given), then run ``evaluators`` on the backbone.
+
+    Without a task, the backbone comes from ``backbone()`` initialised from
+    ``ckpt`` as ``weight_init`` says. ``compare_random_init`` also runs the
+    evaluators on a randomly initialised backbone (metrics prefixed ``random_init/``).
+    """
+    metrics: dict[str, float] = {}
+    if task is not None:
+        if trainer is None:
+            raise UserError("experiment.task is set but experiment.trainer is not")
+        model = task()
+        if ckpt is not None:
+            from virtex.checkpoint import load
+
+            model.load_state_dict(load(ckpt)["model"])
+        start = time.perf_counter()
+        model = trainer.fit(model, ctx)
+        metrics["train/seconds"] = time.perf_counter() - start
+        ctx.model = model
+        ctx.backbone = model.visual
+    elif backbone is not None:
+        ctx.backbone = backbone()
+        load_backbone_weights(ctx.backbone, ckpt, weight_init if ckpt is not None else "random")
+        ctx.ckpt = Path(ckpt) if ckpt is not None else None
+    elif evaluators:
+        raise UserError("experiment.evaluators need experiment.backbone or experiment.task")
+    if ctx.backbone is not None:
+        ctx.backbone.to(ctx.device)
+    metrics.update(_evaluate(evaluators, ctx))
+    if compare_random_init and backbone is not None and evaluators:
+        trained, model = ctx.backbone, ctx.model
+        _seed_everything(ctx.seed + 1)
+        ctx.backbone, ctx.model = backbone().to(ctx.device), None
+        metrics.update(_evaluate(evaluators, ctx, prefix="random_init/"))
+        ctx.backbone, ctx.model = trained, model
+    return metrics
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    if not metrics:
+        return "(no metrics)"
+    width = max(len(k) for k in metrics)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 10}"]
+    lines += [f"{k:<{width}}  {v:.4f}" for k, v in metrics.items()]
+    return "\n".join(lines)
+
+
+def environ_rank() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun-style environment variables."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
