@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -102,6 +103,13 @@ def normalize_param(param: str) -> tuple[str, str]:
     return name, value
 
 
+def _register_kernel_configurables() -> None:
+    """Import the kernel modules whose gin configurables every spec may bind."""
+    import virtex.data.cache  # noqa: F401  shapes_dir
+    import virtex.engine  # noqa: F401  trainer
+    import virtex.runner  # noqa: F401  experiment
+
+
 def parse_spec(
     spec_path: Path,
     params: Sequence[str],
@@ -110,10 +118,12 @@ def parse_spec(
     check_required: bool = True,
 ) -> list[str]:
     """Parse a spec and the command-line bindings into gin; returns the normalised bindings."""
+    _register_kernel_configurables()
     gin.clear_config()
     for d in spec_dirs:
         if str(d) not in gin_config._LOCATION_PREFIXES:
             gin.add_config_file_search_path(str(d))
+    logging.disable(logging.ERROR)  # gin logs each include search-path miss
     try:
         gin.parse_config_file(str(spec_path))
     except OSError as exc:
@@ -123,6 +133,8 @@ def parse_spec(
         if str(spec_path) not in msg and "In file" not in str(exc):
             msg = f"{spec_path}: {msg}"
         raise UserError(msg) from None
+    finally:
+        logging.disable(logging.NOTSET)
     macros = set(defined_macros())
     bindings = []
     for param in params:

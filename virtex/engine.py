@@ -171,6 +171,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(int(x) for x in state["python"]), state["python_pos"]))
 
 
+def _global_mean(loss: torch.Tensor, weight: torch.Tensor | None,
+                 world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the global-batch loss to report, the loss to back-propagate on this rank).
+
+    A task may return ``weight``: how many terms its mean is over (e.g. caption
+    tokens). Scaling by ``weight * world_size / total`` makes DDP's gradient average
+    equal the gradient of the mean over the global batch, as in one process.
+    """
+    if world_size <= 1:
+        return loss.detach().float(), loss
+    if weight is None:
+        return dist.mean(loss.detach().float()), loss
+    w = torch.as_tensor(weight, dtype=torch.float32, device=loss.device).detach()
+    stats = torch.stack([loss.detach().float() * w, w])
+    torch.distributed.all_reduce(stats)
+    total = stats[1].clamp_min(1e-12)
+    return stats[0] / total, loss * (w * world_size / total)
+
+
 def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
     if isinstance(batch, dict):
         return {k: _to_device(v, device, channels_last) for k, v in batch.items()}
@@ -181,7 +200,7 @@ def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
     return batch
 
 
-@gin.configurable("trainer", denylist=["model", "ctx"])
+@gin.configurable("trainer")
 class Trainer:
     """Pretrains a task model; checkpoints are written to ``run_dir/checkpoints``."""
 
@@ -315,9 +334,9 @@ class Trainer:
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
                 out = train_model(batch)
-            loss = out["loss"]
+            loss, scaled = _global_mean(out["loss"], out.get("weight"), ctx.world_size)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(scaled).backward()
             if self.clip_grad_norm:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
@@ -331,7 +350,7 @@ class Trainer:
 
             if step % self.log_every == 0 or step == self.max_steps:
                 losses = {f"loss/{k}": dist.mean(v.float()).item() for k, v in out["losses"].items()}
-                total = dist.mean(loss.detach().float()).item()
+                total = loss.item()
                 elapsed = time.perf_counter() - t0
                 metrics = {"loss/total": total, **losses, "throughput/images_per_s": seen / elapsed}
                 for group in optimizer.param_groups:

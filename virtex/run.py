@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if not args.spec:
             raise UserError("no spec given: python -m virtex.run SPEC (or --list)")
-        from virtex.runner import format_table, prepare
+        from virtex.runner import prepare
 
         launcher_factory = registry.get("launchers", args.launcher)
         launcher = launcher_factory()
@@ -80,9 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UserError(f"{job.run_dir} already has checkpoints and --no-resume was given: "
                                 "choose another --run_dir")
         rc = launcher.launch(job)
-        metrics_file = Path(job.run_dir) / "metrics.json"
-        if rc == 0 and metrics_file.is_file():
-            print(format_table(json.loads(metrics_file.read_text())))
+        summary = Path(job.run_dir) / "summary.md"
+        if rc == 0 and summary.is_file():
+            print(summary.read_text(), end="")
             print(f"run directory: {job.run_dir}")
         return rc
     except UserError as exc:

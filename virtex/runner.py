@@ -7,8 +7,9 @@ the experiment from gin and runs it.
 
 from __future__ import annotations
 
+import csv
 import hashlib
-import os
+import io as io_module
 import random
 import shlex
 import sys
@@ -119,6 +120,9 @@ def run_job(job: Job, rank: int = 0, world_size: int = 1, local_rank: int = 0,
             logger.close()
         if rank == 0:
             io.write_json(run_dir / "metrics.json", metrics)
+            summary = format_table(metrics)
+            extra = ctx.extras.get("summary", [])
+            io.write_text(run_dir / "summary.md", summary + ("\n\n" + "\n".join(extra) if extra else "") + "\n")
         return metrics
     finally:
         dist.shutdown()
@@ -140,6 +144,57 @@ def _evaluate(evaluators: Sequence[Callable], ctx: Context, prefix: str = "") ->
     return metrics
 
 
+def _read_sweep(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_sweep(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    buffer = io_module.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    io.write_text(path, buffer.getvalue())
+
+
+def sweep(ctx: Context, directory: Path, backbone: Callable[[], torch.nn.Module],
+          evaluators: Sequence[Callable], weight_init: str) -> dict[str, float]:
+    """Evaluate every checkpoint in ``directory`` (skipping those already in ``sweep.csv``);
+    metrics against step go to tensorboard and ``sweep.csv``: the curve the paper plots."""
+    from virtex.checkpoint import list_checkpoints, step_of
+
+    paths = list_checkpoints(directory)
+    if not paths:
+        raise UserError(f"checkpoint directory '{directory}' holds no step_*.pt checkpoints")
+    csv_path = ctx.run_dir / "sweep.csv"
+    rows = _read_sweep(csv_path)
+    done = {int(r["step"]) for r in rows}
+    latest: dict[str, float] = {}
+    for path in paths:
+        step = step_of(path) or 0
+        if step in done:
+            ctx.info(f"sweep: step {step} already evaluated, skipped")
+            continue
+        ctx.backbone = backbone()
+        load_backbone_weights(ctx.backbone, path, weight_init)
+        ctx.backbone.to(ctx.device)
+        ctx.ckpt, ctx.step = path, step
+        latest = _evaluate(evaluators, ctx)
+        ctx.log(latest, step)
+        if ctx.rank == 0:
+            rows.append({"step": step, "checkpoint": str(path), **latest})
+            rows.sort(key=lambda r: int(r["step"]))
+            _write_sweep(csv_path, rows)
+    if not latest and rows:
+        latest = {k: float(v) for k, v in rows[-1].items() if k not in ("step", "checkpoint")}
+    return latest
+
+
 @gin.configurable("experiment", denylist=["ctx"])
 def experiment(
     ctx: Context,
@@ -153,24 +208,23 @@ def experiment(
 ) -> dict[str, float]:
     """Pretrain ``task`` with ``trainer`` (if given), then run ``evaluators`` on the backbone.
 
-    Without a task, the backbone comes from ``backbone()`` initialised from
-    ``ckpt`` as ``weight_init`` says. ``compare_random_init`` also runs the
-    evaluators on a randomly initialised backbone (metrics prefixed ``random_init/``).
+    Without a task, the backbone comes from ``backbone()`` initialised from ``ckpt``
+    as ``weight_init`` says; a directory ``ckpt`` evaluates every checkpoint in it.
+    ``compare_random_init`` also runs the evaluators on a randomly initialised
+    backbone (metrics prefixed ``random_init/``).
     """
     metrics: dict[str, float] = {}
     if task is not None:
         if trainer is None:
             raise UserError("experiment.task is set but experiment.trainer is not")
         model = task()
-        if ckpt is not None:
-            from virtex.checkpoint import load
-
-            model.load_state_dict(load(ckpt)["model"])
         start = time.perf_counter()
         model = trainer.fit(model, ctx)
         metrics["train/seconds"] = time.perf_counter() - start
-        ctx.model = model
-        ctx.backbone = model.visual
+        ctx.model, ctx.backbone = model, model.visual
+    elif backbone is not None and ckpt is not None and Path(ckpt).is_dir():
+        metrics.update(sweep(ctx, Path(ckpt), backbone, evaluators, weight_init))
+        evaluators = ()
     elif backbone is not None:
         ctx.backbone = backbone()
         load_backbone_weights(ctx.backbone, ckpt, weight_init if ckpt is not None else "random")
@@ -190,15 +244,23 @@ def experiment(
 
 
 def format_table(metrics: dict[str, float]) -> str:
-    if not metrics:
+    """Headline metrics as a table; ``random_init/`` metrics become a second column.
+
+    Per-class details (keys with more than one ``/``) stay in ``metrics.json``.
+    """
+    main = {k: v for k, v in metrics.items()
+            if not k.startswith("random_init/") and k.count("/") <= 1}
+    if not main:
         return "(no metrics)"
-    width = max(len(k) for k in metrics)
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 10}"]
-    lines += [f"{k:<{width}}  {v:.4f}" for k, v in metrics.items()]
+    random_init = {k: metrics.get(f"random_init/{k}") for k in main}
+    width = max(len(k) for k in main)
+    if any(v is not None for v in random_init.values()):
+        lines = [f"| {'metric':<{width}} | {'this run':>10} | {'random init':>11} |",
+                 f"|{'-' * (width + 2)}|{'-' * 12}|{'-' * 13}|"]
+        for k, v in main.items():
+            r = random_init[k]
+            lines.append(f"| {k:<{width}} | {v:>10.2f} | {'' if r is None else f'{r:.2f}':>11} |")
+    else:
+        lines = [f"| {'metric':<{width}} | {'value':>10} |", f"|{'-' * (width + 2)}|{'-' * 12}|"]
+        lines += [f"| {k:<{width}} | {v:>10.4f} |" for k, v in main.items()]
     return "\n".join(lines)
-
-
-def environ_rank() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun-style environment variables."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))

@@ -1,0 +1,226 @@
+"""Caption decoding for a :class:`TransformerTextualHead`: greedy, beam search, nucleus.
+
+Every method takes ``use_cache``: True decodes incrementally (self-attention K/V cache
+grows per step; cross-attention K/V computed once per image and expanded over beams),
+False re-runs the whole decoder over the whole prefix at every step. Both paths feed the
+same tokens and make the same choices, so given equal logits they give equal captions
+(tests check this exactly in float64). Call ``model.eval()`` first: dropout would make
+decoding random.
+
+Conventions: generation starts from ``[SOS]``; ``[PAD]`` and ``[SOS]`` are never
+generated; a sequence stops at ``[EOS]``; at most ``max_length`` tokens are generated
+(also capped by the head's ``max_caption_length`` positions). Results are token ids
+without ``[SOS]``/``[EOS]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from virtex.models.textual import KVCache, TransformerTextualHead
+
+METHODS = ("greedy", "beam", "nucleus")
+
+
+class _Stepper:
+    """Next-token logits for a growing batch of prefixes, with or without a KV cache."""
+
+    def __init__(self, head: TransformerTextualHead, memory: torch.Tensor, use_cache: bool):
+        self.head = head
+        self.memory = memory
+        self.cache: KVCache | None = head.init_cache(memory) if use_cache else None
+
+    def expand(self, repeats: int) -> None:
+        """Repeat each image ``repeats`` times (image i -> rows i*repeats .. +repeats-1)."""
+        index = torch.arange(self.memory.size(0), device=self.memory.device)
+        index = index.repeat_interleave(repeats)
+        self.memory = self.memory.index_select(0, index)
+        if self.cache is not None:
+            self.cache.index_select(index)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam reordering; index stays within each image's beams, so cross K/V is kept."""
+        if self.cache is not None:
+            self.cache.index_select(index, include_cross=False)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            return self.head.step(tokens, self.memory)
+        return self.head.step(tokens, None, self.cache)
+
+
+def _forbid(logits: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
+    logits = logits.clone()
+    logits[:, list(ids)] = float("-inf")
+    return logits
+
+
+def _strip(tokens: torch.Tensor, eos_idx: int, pad_idx: int) -> list[list[int]]:
+    """Drop the leading [SOS], cut at the first [EOS], drop padding."""
+    captions = []
+    for row in tokens[:, 1:].tolist():
+        if eos_idx in row:
+            row = row[: row.index(eos_idx)]
+        captions.append([t for t in row if t != pad_idx])
+    return captions
+
+
+def _max_steps(head: TransformerTextualHead, max_length: int) -> int:
+    return max(0, min(max_length, head.max_caption_length))
+
+
+@torch.no_grad()
+def greedy_search(
+    head: TransformerTextualHead,
+    visual_features: torch.Tensor,
+    sos_idx: int = 2,
+    eos_idx: int = 3,
+    max_length: int = 30,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Pick the most likely token at every step."""
+    return _sample_loop(head, visual_features, sos_idx, eos_idx, max_length, use_cache, None)
+
+
+@torch.no_grad()
+def nucleus_sampling(
+    head: TransformerTextualHead,
+    visual_features: torch.Tensor,
+    sos_idx: int = 2,
+    eos_idx: int = 3,
+    max_length: int = 30,
+    top_p: float = 0.9,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Sample each token from the smallest set of tokens whose probability reaches ``top_p``.
+
+    Deterministic for a given ``generator`` state (it must live on the logits' device).
+    """
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return _sample_loop(
+        head, visual_features, sos_idx, eos_idx, max_length, use_cache, (top_p, generator)
+    )
+
+
+def _sample_loop(
+    head: TransformerTextualHead,
+    visual_features: torch.Tensor,
+    sos_idx: int,
+    eos_idx: int,
+    max_length: int,
+    use_cache: bool,
+    nucleus: tuple[float, torch.Generator | None] | None,
+) -> list[list[int]]:
+    """Greedy (``nucleus=None``) or nucleus sampling with ``nucleus=(top_p, generator)``."""
+    pad_idx = head.padding_idx
+    stepper = _Stepper(head, head.encode_visual(visual_features), use_cache)
+    n = visual_features.size(0)
+    tokens = torch.full((n, 1), sos_idx, dtype=torch.long, device=visual_features.device)
+    finished = torch.zeros(n, dtype=torch.bool, device=tokens.device)
+    for _ in range(_max_steps(head, max_length)):
+        logits = _forbid(stepper(tokens), (pad_idx, sos_idx))
+        if nucleus is None:
+            next_tokens = logits.argmax(dim=-1)
+        else:
+            next_tokens = _nucleus_pick(logits, *nucleus)
+        next_tokens = next_tokens.masked_fill(finished, pad_idx)
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+        finished |= next_tokens == eos_idx
+        if finished.all():
+            break
+    return _strip(tokens, eos_idx, pad_idx)
+
+
+def _nucleus_pick(
+    logits: torch.Tensor, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True, stable=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # keeps the top one
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return sorted_ids.gather(1, choice).squeeze(1)
+
+
+@torch.no_grad()
+def beam_search(
+    head: TransformerTextualHead,
+    visual_features: torch.Tensor,
+    sos_idx: int = 2,
+    eos_idx: int = 3,
+    max_length: int = 30,
+    beam_size: int = 5,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Beam search batched over images x beams; returns the best beam per image.
+
+    A beam's score is the plain sum of its token log-probabilities (no length
+    normalisation, so shorter captions are slightly favoured). A beam that emits
+    [EOS] is finished: it stays in the beam with its score frozen (its only
+    continuation is [PAD] at log-prob 0) and competes with the live beams. Since
+    scores only decrease, decoding stops once every image's best beam is finished.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    pad_idx = head.padding_idx
+    n, b = visual_features.size(0), beam_size
+    device = visual_features.device
+    stepper = _Stepper(head, head.encode_visual(visual_features), use_cache)
+    stepper.expand(b)
+
+    tokens = torch.full((n * b, 1), sos_idx, dtype=torch.long, device=device)
+    finished = torch.zeros(n, b, dtype=torch.bool, device=device)
+    # Only the first beam is live at the start: the others are copies of it.
+    scores = torch.full((n, b), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    base = torch.arange(n, device=device)[:, None] * b
+
+    for _ in range(_max_steps(head, max_length)):
+        logprobs = _forbid(stepper(tokens), (pad_idx, sos_idx)).log_softmax(dim=-1)
+        vocab = logprobs.size(-1)
+        logprobs = logprobs.view(n, b, vocab)
+        # Finished beams: frozen score, single continuation [PAD].
+        frozen = torch.full_like(logprobs[0, 0], float("-inf"))
+        frozen[pad_idx] = 0.0
+        logprobs = torch.where(finished[..., None], frozen, logprobs)
+
+        candidates = (scores.to(logprobs.dtype)[..., None] + logprobs).view(n, b * vocab)
+        scores, flat_ids = candidates.topk(b, dim=1)
+        beam_ids, next_tokens = flat_ids // vocab, flat_ids % vocab
+
+        reorder = (base + beam_ids).view(-1)
+        tokens = torch.cat([tokens.index_select(0, reorder), next_tokens.view(-1, 1)], dim=1)
+        finished = finished.gather(1, beam_ids) | (next_tokens == eos_idx)
+        stepper.reorder(reorder)
+        if finished[:, 0].all():
+            break
+    best = tokens.view(n, b, -1)[:, 0]  # topk sorts, so beam 0 scores highest
+    return _strip(best, eos_idx, pad_idx)
+
+
+def generate(
+    head: TransformerTextualHead,
+    visual_features: torch.Tensor,
+    method: str = "beam",
+    sos_idx: int = 2,
+    eos_idx: int = 3,
+    beam_size: int = 5,
+    max_length: int = 30,
+    top_p: float = 0.9,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Dispatch to :func:`greedy_search`, :func:`beam_search` or :func:`nucleus_sampling`."""
+    if method == "greedy":
+        return greedy_search(head, visual_features, sos_idx, eos_idx, max_length, use_cache)
+    if method == "beam":
+        return beam_search(
+            head, visual_features, sos_idx, eos_idx, max_length, beam_size, use_cache
+        )
+    if method == "nucleus":
+        return nucleus_sampling(
+            head, visual_features, sos_idx, eos_idx, max_length, top_p, use_cache, generator
+        )
+    raise ValueError(f"unknown decoding method {method!r}; expected one of {METHODS}")

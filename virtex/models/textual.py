@@ -1,0 +1,335 @@
+"""Transformer textual head: embeds caption tokens and decodes them against visual features.
+
+The layout follows VirTex (Desai & Johnson, 2021): word + learned positional embedding
+with LayerNorm, a linear projection of the flattened visual feature map, a stack of
+transformer decoder layers (GELU, post-norm by default) and an output layer tied to the
+word embedding. Attention is written out here (separate q/k/v projections) so that
+incremental decoding with a key/value cache is straightforward.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_SIZE_RE = re.compile(r"L(\d+)_H(\d+)(?:_A(\d+)_F(\d+))?")
+
+
+def parse_textual_size(name: str) -> dict:
+    """Parse ``"L1_H2048_A32_F8192"`` (or ``"L1_H512"``: heads H/64, feedforward 4H)."""
+    match = _SIZE_RE.fullmatch(name.strip()) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(
+            f"bad textual head size {name!r}: expected 'L<layers>_H<hidden>' or "
+            "'L<layers>_H<hidden>_A<heads>_F<feedforward>', e.g. 'L1_H2048_A32_F8192'"
+        )
+    layers, hidden = int(match[1]), int(match[2])
+    heads = int(match[3]) if match[3] else max(1, hidden // 64)
+    feedforward = int(match[4]) if match[4] else 4 * hidden
+    if min(layers, hidden, heads, feedforward) <= 0 or hidden % heads:
+        raise ValueError(
+            f"bad textual head size {name!r}: all numbers must be positive and the hidden "
+            f"size ({hidden}) divisible by the number of heads ({heads})"
+        )
+    return {
+        "num_layers": layers,
+        "hidden_size": hidden,
+        "attention_heads": heads,
+        "feedforward_size": feedforward,
+    }
+
+
+class WordAndPositionEmbedding(nn.Module):
+    """Word + learned position embedding, LayerNorm (eps 1e-8), dropout; padding -> 0."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        max_caption_length: int = 30,
+        dropout: float = 0.0,
+        padding_idx: int = 0,
+    ):
+        super().__init__()
+        self.padding_idx = padding_idx
+        self.max_caption_length = max_caption_length
+        self.words = nn.Embedding(vocab_size, hidden_size, padding_idx=padding_idx)
+        self.positions = nn.Embedding(max_caption_length, hidden_size)
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=1e-8)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(N, T) tokens at positions ``start .. start+T-1`` -> (N, T, H)."""
+        end = start + tokens.size(1)
+        if end > self.max_caption_length:
+            raise ValueError(
+                f"caption positions up to {end} exceed max_caption_length {self.max_caption_length}"
+            )
+        positions = torch.arange(start, end, device=tokens.device)
+        x = self.layer_norm(self.words(tokens) + self.positions(positions))
+        x = self.dropout(x)
+        return x * (tokens != self.padding_idx).unsqueeze(-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v/out projections.
+
+    Keys/values are projected by :meth:`project_kv` so callers can cache them.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, h = x.shape
+        return x.view(n, t, self.num_heads, h // self.num_heads).transpose(1, 2)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, S, H) -> keys, values, each (N, heads, S, H/heads)."""
+        return self._split(self.k_proj(x)), self._split(self.v_proj(x))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Queries from ``x`` (N, T, H) attend to ``k``/``v``; ``mask`` True = may attend."""
+        q = self._split(self.q_proj(x))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = self.dropout(scores.softmax(dim=-1))
+        out = (weights @ v).transpose(1, 2).flatten(2)
+        return self.out_proj(out)
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention to visual features, GELU feed-forward.
+
+    Post-norm (``norm_first=False``) matches ``nn.TransformerDecoderLayer``; pre-norm
+    puts each LayerNorm at the start of its residual branch.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        feedforward_size: int,
+        dropout: float = 0.1,
+        norm_first: bool = False,
+    ):
+        super().__init__()
+        self.norm_first = norm_first
+        self.self_attn = Attention(hidden_size, num_heads, dropout)
+        self.cross_attn = Attention(hidden_size, num_heads, dropout)
+        self.linear1 = nn.Linear(hidden_size, feedforward_size)
+        self.linear2 = nn.Linear(feedforward_size, hidden_size)
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.norm3 = nn.LayerNorm(hidden_size)
+        self.dropout = nn.Dropout(dropout)  # on each residual branch
+        self.ff_dropout = nn.Dropout(dropout)  # inside the feed-forward
+
+    def _self_attention(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None
+    ) -> torch.Tensor:
+        k, v = self.self_attn.project_kv(x)
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        return self.dropout(self.self_attn(x, k, v, mask))
+
+    def _cross_attention(self, x: torch.Tensor, memory_kv: tuple) -> torch.Tensor:
+        return self.dropout(self.cross_attn(x, *memory_kv))
+
+    def _feedforward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.linear2(self.ff_dropout(F.gelu(self.linear1(x)))))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None = None,
+        cache: dict | None = None,
+    ) -> torch.Tensor:
+        """``memory_kv``: cross-attention keys/values; ``cache``: this layer's self-attn K/V."""
+        if self.norm_first:
+            x = x + self._self_attention(self.norm1(x), mask, cache)
+            x = x + self._cross_attention(self.norm2(x), memory_kv)
+            return x + self._feedforward(self.norm3(x))
+        x = self.norm1(x + self._self_attention(x, mask, cache))
+        x = self.norm2(x + self._cross_attention(x, memory_kv))
+        return self.norm3(x + self._feedforward(x))
+
+
+@dataclass
+class KVCache:
+    """Per-layer decoding state: ``cross_k``/``cross_v`` (fixed) and ``k``/``v`` (growing)."""
+
+    layers: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    length: int = 0  # number of tokens already fed
+
+    def index_select(self, index: torch.Tensor, include_cross: bool = True) -> None:
+        """Reorder (or expand) the batch dimension of every cached tensor in place."""
+        for layer in self.layers:
+            for name, tensor in layer.items():
+                if include_cross or not name.startswith("cross_"):
+                    layer[name] = tensor.index_select(0, index)
+
+
+class TransformerTextualHead(nn.Module):
+    """Caption decoder conditioned on a visual feature map (see module docstring).
+
+    ``size`` (e.g. ``"L1_H2048_A32_F8192"``) overrides the four size arguments.
+    ``embedding`` makes this head use (share) an existing word/position embedding.
+    Without a final LayerNorm in pre-norm mode, as in the original VirTex code.
+    """
+
+    def __init__(
+        self,
+        visual_feature_size: int,
+        vocab_size: int,
+        hidden_size: int = 512,
+        num_layers: int = 1,
+        attention_heads: int | None = None,
+        feedforward_size: int | None = None,
+        dropout: float = 0.1,
+        norm_first: bool = False,
+        max_caption_length: int = 30,
+        padding_idx: int = 0,
+        size: str | None = None,
+        embedding: WordAndPositionEmbedding | None = None,
+    ):
+        super().__init__()
+        if size is not None:
+            parsed = parse_textual_size(size)
+            hidden_size, num_layers = parsed["hidden_size"], parsed["num_layers"]
+            attention_heads = parsed["attention_heads"]
+            feedforward_size = parsed["feedforward_size"]
+        attention_heads = attention_heads or max(1, hidden_size // 64)
+        feedforward_size = feedforward_size or 4 * hidden_size
+        if hidden_size % attention_heads:
+            raise ValueError(
+                f"hidden_size {hidden_size} is not divisible by attention_heads {attention_heads}"
+            )
+        self.config = {
+            "visual_feature_size": visual_feature_size,
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "num_layers": num_layers,
+            "attention_heads": attention_heads,
+            "feedforward_size": feedforward_size,
+            "dropout": dropout,
+            "norm_first": norm_first,
+            "max_caption_length": max_caption_length,
+            "padding_idx": padding_idx,
+        }
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.padding_idx = padding_idx
+        self.max_caption_length = max_caption_length
+
+        self.visual_projection = nn.Linear(visual_feature_size, hidden_size)
+        self.embedding = WordAndPositionEmbedding(
+            vocab_size, hidden_size, max_caption_length, dropout, padding_idx
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(hidden_size, attention_heads, feedforward_size, dropout, norm_first)
+            for _ in range(num_layers)
+        )
+        self.output = nn.Linear(hidden_size, vocab_size)
+        self.apply(_init_weights)
+        if embedding is not None:
+            self.embedding = embedding
+        self.output.weight = self.embedding.words.weight  # tied
+
+    def share_embedding_with(self, other: TransformerTextualHead) -> None:
+        """Use ``other``'s embedding and (tied) output layer, bias included, as VirTex does."""
+        self.embedding = other.embedding
+        self.output = other.output
+
+    def encode_visual(self, visual_features: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) (or already flat (N, S, C)) features -> memory (N, h*w, H)."""
+        if visual_features.dim() == 4:
+            visual_features = visual_features.flatten(2).transpose(1, 2)
+        return self.visual_projection(visual_features)
+
+    def decode(
+        self, tokens: torch.Tensor, memory: torch.Tensor, causal: bool = True
+    ) -> torch.Tensor:
+        """Full pass: (N, T) tokens against memory (N, S, H) -> logits (N, T, V).
+
+        Padding tokens are masked as keys; ``causal=False`` gives bidirectional attention.
+        """
+        x = self.embedding(tokens)
+        mask = (tokens != self.padding_idx)[:, None, None, :]
+        if causal:
+            t = tokens.size(1)
+            mask = mask & torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+        for layer in self.layers:
+            x = layer(x, layer.cross_attn.project_kv(memory), mask)
+        return self.output(x)
+
+    def forward(
+        self, visual_features: torch.Tensor, tokens: torch.Tensor, causal: bool = True
+    ) -> torch.Tensor:
+        """(N, C, h, w) features and (N, T) tokens -> (N, T, V) next-token logits."""
+        return self.decode(tokens, self.encode_visual(visual_features), causal)
+
+    def init_cache(self, memory: torch.Tensor) -> KVCache:
+        """Compute every layer's cross-attention keys/values once from memory (N, S, H)."""
+        layers = []
+        for layer in self.layers:
+            k, v = layer.cross_attn.project_kv(memory)
+            layers.append({"cross_k": k, "cross_v": v})
+        return KVCache(layers)
+
+    def step(
+        self, tokens: torch.Tensor, memory: torch.Tensor | None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Logits (N, V) for the position after ``tokens``.
+
+        Without a cache, ``tokens`` is the whole prefix (N, t) and the full decoder is
+        re-run over it (naive path; needs ``memory``). With a cache (from
+        :meth:`init_cache`), only the last token ((N,) or the last column of (N, t)) is
+        fed; the cache's self-attention keys/values grow by one position.
+        """
+        if cache is None:
+            if memory is None:
+                raise ValueError("step() without a cache needs the visual memory")
+            return self.decode(tokens, memory)[:, -1]
+        last = tokens[:, -1:] if tokens.dim() == 2 else tokens[:, None]
+        x = self.embedding(last, start=cache.length)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            memory_kv = (layer_cache["cross_k"], layer_cache["cross_v"])
+            x = layer(x, memory_kv, mask=None, cache=layer_cache)
+        cache.length += 1
+        return self.output(x[:, -1])
+
+
+def _init_weights(module: nn.Module) -> None:
+    """BERT-style init: N(0, 0.02) weights, zero biases, zero padding embedding."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
