@@ -8,6 +8,7 @@ randomness (the RNG states of every process) is saved in the checkpoint.
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -202,7 +203,11 @@ def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
 
 @gin.configurable("trainer")
 class Trainer:
-    """Pretrains a task model; checkpoints are written to ``run_dir/checkpoints``."""
+    """Pretrains a task model; checkpoints are written to ``run_dir/checkpoints``.
+
+    On CPU the training process uses ``cpu_threads`` threads (default: the cores
+    left over by the ``num_workers`` loader processes, at least one).
+    """
 
     def __init__(
         self,
@@ -228,6 +233,7 @@ class Trainer:
         compile: bool = False,
         fused: bool = True,
         num_workers: int = 4,
+        cpu_threads: int | None = None,
         checkpoint_every: int = 2000,
         keep_last: int = 3,
         keep_every: int | None = None,
@@ -267,6 +273,9 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------
     def fit(self, model: nn.Module, ctx: Context) -> nn.Module:
         device = ctx.device
+        if device.type == "cpu":  # loader workers take cores too: do not oversubscribe
+            cores = (os.cpu_count() or 1) // max(1, ctx.world_size)
+            torch.set_num_threads(self.cpu_threads or max(1, cores - self.num_workers))
         model.to(device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)

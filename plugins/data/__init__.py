@@ -1,0 +1,86 @@
+"""Built-in datasets and transforms, plus the ``tokenizer`` and ``shapes_dir`` configurables."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import gin
+
+from virtex import hookimpl
+from virtex.data import transforms as T
+from virtex.data.cache import cache_dir, shapes_dir  # noqa: F401  (registers shapes_dir)
+from virtex.data.tokenizer import SentencePieceTokenizer, build_vocab
+from virtex.errors import UserError
+
+
+@gin.configurable("tokenizer")
+def tokenizer(model: str | None = None, captions: str | None = None,
+              vocab_size: int = 10000) -> SentencePieceTokenizer:
+    """A SentencePiece tokenizer: from ``model`` (a ``.model`` file), or built once from a COCO
+    captions JSON (``captions``) into the cache, the paper's recipe (unigram, lowercased)."""
+    if model is not None:
+        if not Path(model).is_file():
+            raise UserError(f"tokenizer.model: '{model}' does not exist "
+                            "(build one with python -m virtex.tools.build_vocab)")
+        return SentencePieceTokenizer(model)
+    if captions is None:
+        raise UserError("tokenizer needs tokenizer.model (a .model file) or tokenizer.captions "
+                        "(a COCO captions JSON to build the vocabulary from)")
+    from virtex.data.readers import read_caption_strings
+
+    path = Path(captions)
+    if not path.is_file():
+        raise UserError(f"tokenizer.captions: '{captions}' does not exist")
+    digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+    prefix = cache_dir() / "vocab" / f"{path.stem}-{digest}-{vocab_size}"
+    model_file = prefix.with_suffix(".model")
+    if not model_file.is_file():
+        build_vocab(read_caption_strings(path), prefix, vocab_size=vocab_size)
+    return SentencePieceTokenizer(model_file)
+
+
+def coco_captions(root: str = gin.REQUIRED, split: str = "train2017",
+                  tokenizer: SentencePieceTokenizer = gin.REQUIRED,
+                  transform: Callable | None = None, max_caption_length: int = 30,
+                  labels: bool = False):
+    """COCO Captions (``root/annotations/captions_<split>.json``, ``root/<split>/*.jpg``);
+    one of each image's captions sampled per step; ``labels`` adds COCO instance labels."""
+    from virtex.data.datasets import CocoCaptionsDataset, collate_captions
+
+    dataset = CocoCaptionsDataset(root, split, tokenizer, transform or T.train_transform(),
+                                  max_caption_length=max_caption_length,
+                                  labels_from_instances=labels)
+    dataset.collate_fn = collate_captions
+    return dataset
+
+
+def train(size: int = 224, scale: tuple[float, float] = (0.2, 1.0)) -> T.Compose:
+    """Pretraining augmentation: random resized crop, flip with left/right swap, colour jitter."""
+    return T.train_transform(size, tuple(scale))
+
+
+def evaluation(resize: int = 256, size: int = 224) -> T.Compose:
+    """Resize the short side, center crop, normalise."""
+    return T.eval_transform(resize, size)
+
+
+@hookimpl
+def virtex_datasets() -> dict[str, Callable]:
+    return {"coco_captions": coco_captions}
+
+
+@hookimpl
+def virtex_transforms() -> dict[str, Callable]:
+    return {
+        "train": train,
+        "eval": evaluation,
+        "random_resized_crop": T.RandomResizedCrop,
+        "horizontal_flip": T.HorizontalFlip,
+        "color_jitter": T.ColorJitter,
+        "normalize": T.Normalize,
+        "resize": T.Resize,
+        "center_crop": T.CenterCrop,
+        "compose": T.Compose,
+    }

@@ -1,0 +1,181 @@
+"""Datasets and collate on the shapes tree: shapes, dtypes, token layout, flip before tokens."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from virtex.data import transforms as V
+from virtex.data.datasets import CocoCaptionsDataset, ImageClassificationDataset, collate_captions
+from virtex.data.readers import (
+    read_caption_strings,
+    read_coco_labels,
+    read_image_folder,
+    read_inat,
+    read_voc_classification,
+)
+from virtex.data.tokenizer import SentencePieceTokenizer, build_vocab
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """As in a DataLoader worker: one intra-op thread (avoids stalls on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> SentencePieceTokenizer:
+    captions = read_caption_strings(shapes_root / "coco/annotations/captions_train2017.json")
+    return SentencePieceTokenizer(build_vocab(captions, tmp_path_factory.mktemp("v") / "v"))
+
+
+def _small() -> V.Compose:
+    return V.train_transform(64)
+
+
+def test_caption_item(shapes_root: Path, tok: SentencePieceTokenizer) -> None:
+    ds = CocoCaptionsDataset(shapes_root / "coco", "train2017", tok, _small())
+    assert len(ds) == 48
+    torch.manual_seed(0)
+    for index in (0, 7, 47):
+        item = ds[index]
+        record = ds.records[index]
+        assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+        fwd, bwd = item["caption_tokens"], item["noitpac_tokens"]
+        assert fwd.dtype == bwd.dtype == torch.long
+        assert fwd[0] == bwd[0] == tok.sos_id and fwd[-1] == bwd[-1] == tok.eos_id
+        assert torch.equal(bwd[1:-1], fwd[1:-1].flip(0))
+        assert item["caption_lengths"].item() == len(fwd) <= 30
+        assert item["image_id"].item() == record.image_id
+        text = tok.decode(fwd.tolist())  # a caption, maybe flipped, maybe truncated
+        candidates = [c.lower() for c in record.captions]
+        candidates += [V.swap_left_right(c) for c in candidates]
+        assert any(c.startswith(text) for c in candidates)
+
+
+def test_captions_sampled_with_torch_rng(shapes_root: Path, tok: SentencePieceTokenizer) -> None:
+    ds = CocoCaptionsDataset(shapes_root / "coco", "val2017", tok, V.eval_transform(72, 64))
+    torch.manual_seed(1)
+    first = [ds[3]["caption_tokens"].tolist() for _ in range(20)]
+    torch.manual_seed(1)
+    again = [ds[3]["caption_tokens"].tolist() for _ in range(20)]
+    assert first == again
+    assert len({tuple(t) for t in first}) > 2  # different captions of the same image
+
+
+def test_flip_happens_before_tokenisation(shapes_root: Path, tok: SentencePieceTokenizer) -> None:
+    flip = V.Compose([V.Resize(64), V.CenterCrop(64), V.HorizontalFlip(p=1.0), V.Normalize()])
+    plain = V.eval_transform(64, 64)
+    flipped = CocoCaptionsDataset(shapes_root / "coco", "train2017", tok, flip)
+    kept = CocoCaptionsDataset(shapes_root / "coco", "train2017", tok, plain)
+    seen_left = False
+    for index in range(10):
+        torch.manual_seed(index)
+        a = tok.decode(flipped[index]["caption_tokens"].tolist())
+        torch.manual_seed(index)
+        b_item = kept[index]
+        b = tok.decode(b_item["caption_tokens"].tolist())
+        assert a == V.swap_left_right(b)
+        seen_left |= "left" in b
+        torch.manual_seed(index)
+        torch.testing.assert_close(flipped[index]["image"], b_item["image"].flip(-1))
+    assert seen_left
+
+
+def test_long_caption_truncated(shapes_root: Path, tok: SentencePieceTokenizer,
+                                tmp_path: Path) -> None:
+    coco = tmp_path / "coco"
+    shutil.copytree(shapes_root / "coco", coco)
+    path = coco / "annotations/captions_val2017.json"
+    data = json.loads(path.read_text())
+    first = data["images"][0]["id"]
+    long = " ".join(["a big red circle on the left of a small blue star"] * 8)
+    for a in data["annotations"]:
+        if a["image_id"] == first:
+            a["caption"] = long
+    path.write_text(json.dumps(data))
+    ds = CocoCaptionsDataset(coco, "val2017", tok, _small())
+    item = ds[0]
+    assert len(tok.encode(long)) > 30
+    assert item["caption_tokens"].shape == (30,) and item["caption_lengths"] == 30
+    assert item["caption_tokens"].tolist() == [tok.sos_id, *tok.encode(long)[:28], tok.eos_id]
+    assert item["noitpac_tokens"].tolist() == [tok.sos_id, *tok.encode(long)[:28][::-1],
+                                               tok.eos_id]
+    short = CocoCaptionsDataset(coco, "val2017", tok, _small(), max_caption_length=12)
+    assert short[0]["caption_tokens"].shape == (12,)
+
+
+def test_labels_from_instances(shapes_root: Path, tok: SentencePieceTokenizer) -> None:
+    ds = CocoCaptionsDataset(shapes_root / "coco", "val2017", tok, _small(),
+                             labels_from_instances=True)
+    labels, names = read_coco_labels(shapes_root / "coco", "val2017")
+    assert ds.categories == names
+    for index in range(len(ds)):
+        item = ds[index]
+        assert item["labels"].dtype == torch.float32
+        np.testing.assert_array_equal(item["labels"].numpy(), labels[item["image_id"].item()])
+
+
+def test_collate(shapes_root: Path, tok: SentencePieceTokenizer) -> None:
+    ds = CocoCaptionsDataset(shapes_root / "coco", "train2017", tok, _small(),
+                             labels_from_instances=True)
+    torch.manual_seed(0)
+    items = [ds[i] for i in range(6)]
+    batch = collate_captions(items)
+    lengths = [len(i["caption_tokens"]) for i in items]
+    n, t = 6, max(lengths)
+    assert batch["image"].shape == (n, 3, 64, 64) and batch["image"].dtype == torch.float32
+    for key in ("caption_tokens", "noitpac_tokens"):
+        assert batch[key].shape == (n, t) and batch[key].dtype == torch.long
+    assert batch["caption_lengths"].tolist() == lengths
+    assert batch["image_id"].dtype == torch.long and batch["image_id"].shape == (n,)
+    assert batch["labels"].shape == (n, 20) and batch["labels"].dtype == torch.float32
+    for row, item, length in zip(batch["caption_tokens"], items, lengths):
+        assert torch.equal(row[:length], item["caption_tokens"])
+        assert (row[length:] == tok.pad_id).all()
+    assert len(set(lengths)) > 1  # padding was exercised
+    assert "labels" not in collate_captions([{k: v for k, v in i.items() if k != "labels"}
+                                             for i in items])
+
+
+def test_dataloader_with_workers(shapes_root: Path, tok: SentencePieceTokenizer) -> None:
+    ds = CocoCaptionsDataset(shapes_root / "coco", "val2017", tok, _small())
+    runs = []
+    for _ in range(2):
+        loader = DataLoader(ds, batch_size=5, num_workers=2, collate_fn=collate_captions,
+                            generator=torch.Generator().manual_seed(0), shuffle=True)
+        runs.append(list(loader))
+    assert sum(len(b["image_id"]) for b in runs[0]) == 12
+    for a, b in zip(*runs):  # seeded generator -> same worker seeds -> same augmentation
+        assert torch.equal(a["image"], b["image"])
+        assert torch.equal(a["caption_tokens"], b["caption_tokens"])
+
+
+def test_classification_datasets(shapes_root: Path) -> None:
+    tf = V.eval_transform(72, 64)
+    paths, labels, _ = read_voc_classification(shapes_root / "VOC2007", "trainval")
+    voc = ImageClassificationDataset(paths, labels, tf)
+    item = voc[0]
+    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+    assert item["target"].dtype == torch.int8 and item["target"].tolist() == labels[0].tolist()
+    for reader, root, split in ((read_image_folder, "imagenet", "val"),
+                                (read_inat, "inat2018", "train2018")):
+        paths, targets, _ = reader(shapes_root / root, split)
+        ds = ImageClassificationDataset(paths, targets, tf)
+        batch = next(iter(DataLoader(ds, batch_size=4)))
+        assert batch["image"].shape == (4, 3, 64, 64)
+        assert batch["target"].dtype == torch.long
+        assert batch["target"].tolist() == targets[:4].tolist()
+    untransformed = ImageClassificationDataset(paths[:1], targets[:1], None)[0]["image"]
+    assert untransformed.dtype == torch.float32 and untransformed.max() <= 1
+    with pytest.raises(ValueError, match="1 paths but 2 targets"):
+        ImageClassificationDataset(paths[:1], targets[:2], tf)
