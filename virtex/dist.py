@@ -50,6 +50,16 @@ def mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def any_true(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process."""
+    if not is_initialized():
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def gather_objects(obj: Any) -> list[Any]:
     if not is_initialized():
         return [obj]

@@ -11,8 +11,10 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gin
@@ -23,6 +25,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from virtex import checkpoint, dist
 from virtex.context import Context
+
+
+class Preempted(Exception):
+    """Raised by :meth:`Trainer.fit` after it saved a checkpoint because a stop was requested."""
+
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask a running :meth:`Trainer.fit` to checkpoint at the next step and raise
+    :class:`Preempted` (for launchers handling SLURM's pre-emption signal)."""
+    _STOP.set()
 
 
 class SampleSeeded(Dataset):
@@ -271,7 +286,9 @@ class Trainer:
         )
 
     # -- the loop ---------------------------------------------------------------------
-    def fit(self, model: nn.Module, ctx: Context) -> nn.Module:
+    def fit(self, model: nn.Module, ctx: Context, ckpt_dir: Path | None = None) -> nn.Module:
+        """Train ``model`` to ``max_steps``, resuming from the newest checkpoint in
+        ``ckpt_dir`` (default ``run_dir/checkpoints``) if there is one."""
         device = ctx.device
         if device.type == "cpu":  # loader workers take cores too: do not oversubscribe
             cores = (os.cpu_count() or 1) // max(1, ctx.world_size)
@@ -284,7 +301,7 @@ class Trainer:
         lookahead = Lookahead([p for g in optimizer.param_groups for p in g["params"]],
                               self.lookahead_alpha, self.lookahead_k) if self.lookahead else None
         scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
-        ckpt_dir = ctx.run_dir / "checkpoints"
+        ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else ctx.run_dir / "checkpoints"
 
         step = 0
         latest = checkpoint.load_latest(ckpt_dir, map_location=device)
@@ -373,8 +390,12 @@ class Trainer:
                 seen, t0 = 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
-            if step % self.checkpoint_every == 0 or step == self.max_steps:
+            stop = dist.any_true(_STOP.is_set())  # every rank stops at the same step
+            if step % self.checkpoint_every == 0 or step == self.max_steps or stop:
                 save(step)
+            if stop and step < self.max_steps:
+                ctx.info(f"stop requested: checkpoint saved at step {step}")
+                raise Preempted(step)
         if bar is not None:
             bar.close()
         return model
