@@ -282,6 +282,9 @@ class Trainer:
             collate_fn=getattr(self.dataset, "collate_fn", None),
             pin_memory=ctx.device.type == "cuda",
             persistent_workers=False,
+            # its own generator: the loader must not draw from the global RNG, whose
+            # state (dropout, masking) is restored exactly on resume
+            generator=torch.Generator().manual_seed(ctx.seed),
             prefetch_factor=4 if workers > 0 else None,
         )
 

@@ -38,6 +38,9 @@ class ResNetBackbone(nn.Module):
             weights=None, zero_init_residual=zero_init_residual, norm_layer=norm_layer
         )
         self.out_channels: int = self.cnn.fc.in_features
+        # fc is kept only so the state dict loads into torchvision; forward never uses it,
+        # and a parameter without a gradient would stall DDP's gradient reduction
+        self.cnn.fc.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images -> (N, C, H/32, W/32) feature map of ``layer4``."""
