@@ -220,6 +220,7 @@ def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
 class Trainer:
     """Pretrains a task model; checkpoints are written to ``run_dir/checkpoints``.
 
+    ``log_prefix`` prefixes the logged names (for trainers run inside evaluators).
     On CPU the training process uses ``cpu_threads`` threads (default: the cores
     left over by the ``num_workers`` loader processes, at least one).
     """
@@ -253,6 +254,7 @@ class Trainer:
         keep_last: int = 3,
         keep_every: int | None = None,
         log_every: int = 20,
+        log_prefix: str = "",
     ):
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"trainer.optimizer: unknown '{optimizer}', expected sgd or adamw")
@@ -384,7 +386,7 @@ class Trainer:
                 metrics = {"loss/total": total, **losses, "throughput/images_per_s": seen / elapsed}
                 for group in optimizer.param_groups:
                     metrics[f"lr/{group['name']}"] = group["lr"]
-                ctx.log(metrics, step)
+                ctx.log({f"{self.log_prefix}{k}": v for k, v in metrics.items()}, step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{total:.4f}")
                 else:

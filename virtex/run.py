@@ -80,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "choose another --run_dir")
         rc = launcher.launch(job)
         summary = Path(job.run_dir) / "summary.md"
-        if rc == 0 and summary.is_file():
+        # a launcher that only submitted the run (or printed a script) sets finished = False
+        if rc == 0 and summary.is_file() and getattr(launcher, "finished", True):
             print(summary.read_text(), end="")
             print(f"run directory: {job.run_dir}")
         return rc

@@ -227,7 +227,7 @@ def experiment(
         evaluators = ()
     elif backbone is not None:
         ctx.backbone = backbone()
-        load_backbone_weights(ctx.backbone, ckpt, weight_init if ckpt is not None else "random")
+        load_backbone_weights(ctx.backbone, ckpt, weight_init)
         ctx.ckpt = Path(ckpt) if ckpt is not None else None
     elif evaluators:
         raise UserError("experiment.evaluators need experiment.backbone or experiment.task")

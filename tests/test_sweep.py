@@ -1,0 +1,103 @@
+"""Checkpoint sweeps: ``ckpt=<directory>`` evaluates each new checkpoint, curve to CSV and tensorboard."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from virtex.evaluation import features
+from virtex.run import main
+
+TINY_PRETRAIN = """
+include 'pretrain/_base.gin'
+include 'models/bicaptioning.gin'
+visual = @backbones.resnet18()
+textual_size = 'L1_H64_A2_F128'
+image_size = 32
+batch_size = 4
+data_root = %gin.REQUIRED
+tokenizer.model = None
+tokenizer.captions = %captions
+captions = %gin.REQUIRED
+tokenizer.vocab_size = 300
+trainer.max_steps = 6
+trainer.warmup_steps = 1
+trainer.checkpoint_every = 2
+trainer.keep_last = 10
+trainer.keep_every = None
+trainer.num_workers = 0
+trainer.cpu_threads = 1
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_sweep_evaluates_each_checkpoint_once_and_writes_the_curve(shapes_root, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv("VIRTEX_CACHE", str(tmp_path / "cache"))
+    spec = tmp_path / "tiny.gin"
+    spec.write_text(TINY_PRETRAIN)
+    coco = shapes_root / "coco"
+    pretrain = [str(spec), "--run_dir", str(tmp_path / "pretrain"),
+                "--gin_param", f"data_root={coco}",
+                "--gin_param", f"captions={coco}/annotations/captions_train2017.json"]
+    assert main(pretrain) == 0
+    ckpts = tmp_path / "pretrain" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "step_0000002.pt", "step_0000004.pt", "step_0000006.pt"]
+
+    extracted = []
+    real_extract = features.extract_features
+
+    def counting_extract(backbone, paths, *args, **kwargs):
+        extracted.append(len(paths))
+        return real_extract(backbone, paths, *args, **kwargs)
+
+    monkeypatch.setattr(features, "extract_features", counting_extract)
+    out = tmp_path / "sweep"
+    sweep = ["downstream/voc07_svm", "--run_dir", str(out), "--gin_param", f"ckpt={ckpts}/",
+             "--gin_param", "backbone=@backbones.resnet18", "--gin_param", "image_size=32",
+             "--gin_param", "num_workers=0", "--gin_param", f"data_root={shapes_root / 'VOC2007'}"]
+    assert main(sweep) == 0
+    rows = _rows(out / "sweep.csv")
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert [r["checkpoint"] for r in rows] == [str(ckpts / f"step_000000{s}.pt") for s in (2, 4, 6)]
+    maps = [float(r["voc07/mAP"]) for r in rows]
+    assert all(0 < m <= 100 for m in maps) and len(set(maps)) == 3  # three different backbones
+    assert extracted == [48, 12] * 3  # trainval and test features of each checkpoint
+    assert json.loads((out / "metrics.json").read_text())["voc07/mAP"] == maps[-1]
+
+    extracted.clear()  # the same command again: nothing left to evaluate
+    assert main(sweep) == 0
+    assert extracted == [] and _rows(out / "sweep.csv") == rows
+    assert (out / "log.txt").read_text().count("already evaluated, skipped") == 3
+
+    # training goes on: a fourth checkpoint appears, and only it is evaluated
+    assert main([*pretrain, "--gin_param", "trainer.max_steps=8"]) == 0
+    assert main(sweep) == 0
+    assert extracted == [48, 12]
+    new_rows = _rows(out / "sweep.csv")
+    assert new_rows[:3] == rows and int(new_rows[3]["step"]) == 8
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    curve = [(e.step, e.value) for e in events.Scalars("voc07/mAP")]
+    assert [s for s, _ in curve] == [2, 4, 6, 8]
+    expected = [float(r["voc07/mAP"]) for r in new_rows]
+    assert [v for _, v in curve] == pytest.approx(expected, rel=1e-6)
