@@ -73,9 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             print(gin.config_str(), end="")
             return 0
-        if not args.resume:
-            ckpts = Path(job.run_dir) / "checkpoints"
-            if any(ckpts.glob("step_*.pt")):
+        if not args.resume:  # checkpoints of the run or of its evaluators' training
+            if any(Path(job.run_dir).rglob("step_*.pt")):
                 raise UserError(f"{job.run_dir} already has checkpoints and --no-resume was given: "
                                 "choose another --run_dir")
         rc = launcher.launch(job)
