@@ -1,0 +1,243 @@
+"""Captioning evaluators: caption sample images, score COCO captions, caption any folder.
+
+- ``evaluators.caption_samples``: a few held-out images beside their references.
+- ``evaluators.coco_captioning``: COCO val2017 captions scored with BLEU, METEOR, ROUGE-L,
+  CIDEr and SPICE (specs/downstream/coco_captioning.gin).
+- ``evaluators.caption_folder``: ``captions.json`` and an HTML gallery for every image of a
+  folder (specs/inference/caption_folder.gin).
+
+The latter two caption with the run's pretrained model, or build ``model`` (a task factory
+such as ``@tasks.bicaptioning``) and load the run's checkpoint (``experiment.ckpt``) into it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from virtex import hookimpl
+from virtex.checkpoint import step_of
+from virtex.context import Context
+from virtex.data.readers import read_coco_captions
+from virtex.data.transforms import eval_transform, load_image
+from virtex.errors import UserError
+from virtex.evaluation import caption_metrics
+from virtex.evaluation.caption_model import ModelSource
+from virtex.evaluation.captioner import caption_files, gather, list_images, shard
+from virtex.evaluation.gallery import render_gallery
+from virtex.io import write_json, write_text
+from virtex.models.decoding import METHODS
+
+_WORD = re.compile(r"[a-z]+")
+
+
+class CaptionSamples:
+    """Caption the first ``num_images`` images of a COCO-format split with beam search.
+
+    Writes ``caption_samples.json`` (generated caption beside the references) to the
+    run directory, adds a few examples to the run summary, and returns
+    ``captions/word_precision``: the fraction of generated words that occur in the
+    image's reference captions. Needs a captioning model (skipped otherwise).
+    """
+
+    def __init__(self, root: str, split: str = "val2017", num_images: int = 16,
+                 image_size: int = 224, beam_size: int = 5, max_length: int = 30,
+                 show: int = 4):
+        self.root, self.split, self.num_images = root, split, num_images
+        self.image_size, self.beam_size, self.max_length, self.show = (
+            image_size, beam_size, max_length, show)
+
+    @torch.no_grad()
+    def __call__(self, ctx: Context) -> dict[str, float]:
+        model = ctx.model
+        if model is None or not hasattr(model, "generate") or not hasattr(model, "tokenizer"):
+            return {}
+        records = read_coco_captions(self.root, self.split)[: self.num_images]
+        transform = eval_transform(self.image_size, self.image_size)
+        images = torch.stack([transform({"image": load_image(r.path)})["image"] for r in records])
+        was_training = model.training
+        model.eval()
+        tokens = model.generate(images.to(ctx.device), method="beam", beam_size=self.beam_size,
+                                max_length=self.max_length)
+        model.train(was_training)
+        rows, hits, total = [], 0, 0
+        for record, ids in zip(records, tokens):
+            caption = model.tokenizer.decode(ids)
+            reference_words = set(_WORD.findall(" ".join(record.captions).lower()))
+            words = _WORD.findall(caption.lower())
+            hits += sum(w in reference_words for w in words)
+            total += len(words)
+            rows.append({"image_id": record.image_id, "file": str(record.path),
+                         "caption": caption, "references": record.captions})
+        if ctx.rank == 0:
+            write_json(ctx.run_dir / "caption_samples.json", rows)
+            summary = ctx.extras.setdefault("summary", [])
+            summary.append("Example captions (beam search):")
+            summary += [f"  {r['file'].rsplit('/', 1)[-1]}: {r['caption']}" for r in rows[: self.show]]
+            for r in rows[: self.show]:
+                ctx.logger.text("captions/samples", f"{r['image_id']}: {r['caption']}", ctx.step)
+        return {"captions/word_precision": 100.0 * hits / max(1, total)}
+
+
+def _decoding(evaluator: str, method: str, beam_size: int, max_length: int, **rest) -> dict:
+    """Checked decoding options of a captioning evaluator."""
+    if method not in METHODS:
+        raise UserError(f"evaluators.{evaluator}.method = {method!r}: expected one of "
+                        f"{', '.join(METHODS)}")
+    if beam_size < 1 or max_length < 1:
+        raise UserError(f"evaluators.{evaluator}: beam_size and max_length must be >= 1 "
+                        f"(got {beam_size}, {max_length})")
+    return {"method": method, "beam_size": beam_size, "max_length": max_length, **rest}
+
+
+def _in_sweep(ctx: Context) -> bool:
+    """Whether this call evaluates one checkpoint of a directory sweep (ctx.step is its step)."""
+    return ctx.ckpt is not None and ctx.step > 0 and step_of(Path(ctx.ckpt)) == ctx.step
+
+
+class CocoCaptioning:
+    """Caption COCO ``root/<split>`` (references in ``root/annotations/captions_<split>.json``)
+    and score against the references with pycocoevalcap.
+
+    Writes ``predictions.json`` (COCO results format; ``predictions_step_XXXXXXX.json`` per
+    checkpoint of a sweep) into the run directory. Returns ``coco_captioning/<metric>``
+    for BLEU-1..4, METEOR, ROUGE-L, CIDEr and SPICE (skipped with a warning when the
+    Stanford CoreNLP jars are not in ``spice_jar_dir``; see caption_metrics.py), on
+    pycocoevalcap's scale (CIDEr 0..10). ``num_images`` limits the images (None: all).
+    """
+
+    def __init__(self, root: str, split: str = "val2017",
+                 model: Callable[[], torch.nn.Module] | None = None, image_size: int = 224,
+                 resize: int = 256, method: str = "beam", beam_size: int = 5,
+                 max_length: int = 30, batch_size: int = 32, num_workers: int = 2,
+                 num_images: int | None = None, spice: bool = True,
+                 spice_jar_dir: str | None = None, show: int = 4):
+        self.root, self.split, self.source = root, split, ModelSource(model, "coco_captioning")
+        self.decoding = _decoding("coco_captioning", method, beam_size, max_length,
+                                  image_size=image_size, resize=resize, batch_size=batch_size,
+                                  num_workers=num_workers)
+        self.num_images, self.spice, self.spice_jar_dir = num_images, spice, spice_jar_dir
+        self.show, self._summary = show, []
+
+    def __call__(self, ctx: Context) -> dict[str, float]:
+        model = self.source(ctx)
+        if model is None:
+            ctx.info("coco_captioning skipped: no captioning model or checkpoint in this run")
+            return {}
+        records = read_coco_captions(self.root, self.split)[: self.num_images]
+        if ctx.rank == 0:
+            caption_metrics.start_meteor()  # its JVM loads while the images are captioned
+        mine = shard(len(records), ctx.rank, ctx.world_size)
+        captions, errors = caption_files(model, [records[i].path for i in mine], ctx.device,
+                                         log=ctx.info, progress=ctx.rank == 0,
+                                         desc=f"captioning {self.split}", **self.decoding)
+        if errors:
+            index, reason = errors[0]
+            raise UserError(f"COCO image {records[mine[index]].path} is unreadable: {reason}")
+        rows = gather([{"image_id": records[mine[c.index]].image_id, "caption": c.caption}
+                       for c in captions])
+        if ctx.rank != 0:
+            return {}
+        rows.sort(key=lambda r: r["image_id"])
+        sweep = _in_sweep(ctx)
+        name = f"predictions_step_{ctx.step:07d}.json" if sweep else "predictions.json"
+        write_json(ctx.run_dir / name, rows)
+        references = {r.image_id: r.captions for r in records}
+        scores = caption_metrics.score_captions(rows, references, spice=self.spice,
+                                                spice_jar_dir=self.spice_jar_dir)
+        metrics = {f"coco_captioning/{k}": v for k, v in scores.items()}
+        if not sweep:  # a sweep logs each checkpoint's metrics itself
+            ctx.log(metrics)
+        ctx.info(f"{name}: {len(rows)} captions; " + ", ".join(
+            f"{k} {v:.3f}" for k, v in scores.items()))
+        summary = ctx.extras.setdefault("summary", [])
+        if self._summary and self._summary[0] in summary:  # a sweep: the latest examples only
+            start = summary.index(self._summary[0])
+            del summary[start: start + len(self._summary)]
+        self._summary = [f"COCO {self.split} captions ({name}), e.g.:"]
+        self._summary += [f"  {r['image_id']}: {r['caption']}" for r in rows[: self.show]]
+        summary += self._summary
+        return metrics
+
+
+class CaptionFolder:
+    """Caption every JPEG, PNG and WebP image in ``images`` (``recursive``: subfolders too).
+
+    Writes ``captions.json`` (``[{"filename", "caption"}]``, filenames relative to
+    ``images``; with ``all_beams``, also ``"beams": [{"caption", "score"}]``, score = sum of
+    token log-probs) and ``captions.html`` (a self-contained gallery) into ``output``
+    (a folder, or a ``.json`` path with the page beside it; default: the run directory).
+    Unreadable and non-image files are reported one line each and skipped.
+    """
+
+    def __init__(self, images: str, model: Callable[[], torch.nn.Module] | None = None,
+                 recursive: bool = False, output: str | None = None, all_beams: bool = False,
+                 image_size: int = 224, resize: int = 256, method: str = "beam",
+                 beam_size: int = 5, max_length: int = 30, batch_size: int = 32,
+                 num_workers: int = 2, thumbnail_size: int = 256):
+        self.folder, self.recursive, self.output = Path(images), recursive, output
+        self.source = ModelSource(model, "caption_folder")
+        self.all_beams, self.thumbnail_size = all_beams, thumbnail_size
+        self.decoding = _decoding("caption_folder", method, beam_size, max_length,
+                                  image_size=image_size, resize=resize, batch_size=batch_size,
+                                  num_workers=num_workers)
+
+    def _outputs(self, ctx: Context) -> tuple[Path, Path]:
+        out = Path(self.output) if self.output else ctx.run_dir
+        json_path = out if out.suffix.lower() == ".json" else out / "captions.json"
+        return json_path, json_path.with_suffix(".html")
+
+    def __call__(self, ctx: Context) -> dict[str, float]:
+        if not self.folder.is_dir():
+            raise UserError(f"evaluators.caption_folder.images: '{self.folder}' is not a folder")
+        paths, others, folders = list_images(self.folder, self.recursive)
+        if not paths:
+            raise UserError(f"no JPEG, PNG or WebP images in '{self.folder}'"
+                            + ("" if self.recursive else " (subfolders: set recursive=True)"))
+        model = self.source(ctx)
+        if model is None:
+            ctx.info("caption_folder skipped: no captioning model or checkpoint in this run")
+            return {}
+        mine = shard(len(paths), ctx.rank, ctx.world_size)
+        captions, errors = caption_files(
+            model, [paths[i] for i in mine], ctx.device, all_beams=self.all_beams,
+            thumbnail=self.thumbnail_size, log=ctx.info, progress=ctx.rank == 0, **self.decoding)
+
+        def name(path: Path) -> str:
+            return path.relative_to(self.folder).as_posix()
+
+        done = gather([(mine[c.index], c) for c in captions])
+        failed = gather([(mine[i], reason) for i, reason in errors])
+        if ctx.rank != 0:
+            return {}
+        skipped = [(name(p), "not a JPEG, PNG or WebP file") for p in others]
+        skipped += [(name(paths[i]), reason) for i, reason in sorted(failed)]
+        for filename, reason in skipped:
+            ctx.info(f"skipped {filename}: {reason}")
+        if folders:
+            ctx.info(f"{folders} subfolder(s) of {self.folder} not searched (recursive=False)")
+        done.sort(key=lambda pair: pair[0])
+        rows = []
+        for i, c in done:
+            row = {"filename": name(paths[i]), "caption": c.caption}
+            if self.all_beams:
+                row["beams"] = c.beams
+            rows.append(row)
+        json_path, html_path = self._outputs(ctx)
+        write_text(json_path, json.dumps(rows, indent=2) + "\n")
+        items = [{**row, "thumbnail": c.thumbnail} for row, (_, c) in zip(rows, done)]
+        write_text(html_path, render_gallery(items, skipped, title=f"Captions: {self.folder}"))
+        ctx.info(f"{len(rows)} image(s) captioned, {len(skipped)} file(s) skipped: "
+                 f"{json_path}, {html_path}")
+        return {"caption_folder/images": float(len(rows)),
+                "caption_folder/skipped": float(len(skipped))}
+
+
+@hookimpl
+def virtex_evaluators() -> dict:
+    return {"caption_samples": CaptionSamples, "coco_captioning": CocoCaptioning,
+            "caption_folder": CaptionFolder}

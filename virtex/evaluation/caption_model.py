@@ -1,0 +1,121 @@
+"""The captioning model an evaluator decodes with: the run's own, or one built and loaded.
+
+A checkpoint is ours (``{"model": task state dict, ...}`` as the trainer writes it) or a
+published VirTex one (``{"model": ...}`` with ``textual.transformer.layers.*`` /
+``backward_textual.*`` keys), told apart by key names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from virtex import checkpoint
+from virtex.context import Context
+from virtex.errors import UserError
+from virtex.models.interop import virtex_state_dict_to_ours
+
+
+def is_captioning_model(model: object) -> bool:
+    return all(hasattr(model, a) for a in ("generate", "tokenizer", "textual", "visual"))
+
+
+def _few(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _is_published(state: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith("backward_textual.") or ".transformer.layers." in k for k in state)
+
+
+def captioning_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module,
+                          source: str) -> dict[str, torch.Tensor]:
+    """``state`` (ours or published VirTex) checked and fitted to ``model``'s keys and shapes."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not any(k.startswith("textual.") for k in state):
+        prefixes = sorted({k.split(".", 1)[0] + ".*" for k in state})
+        raise UserError(f"checkpoint '{source}' is not a captioning model: it has no 'textual.*' "
+                        f"weights (it has {_few(prefixes, 5) or 'no weights'})")
+    if _is_published(state):
+        try:
+            return virtex_state_dict_to_ours(state, model=model)
+        except ValueError as exc:
+            raise UserError(f"checkpoint '{source}' (published VirTex format) does not fit the "
+                            f"model: {str(exc).splitlines()[0][:400]}") from None
+    own = model.state_dict()
+    if not any(k.startswith("textual_backward.") for k in own):  # the backward head is unused here
+        state = {k: v for k, v in state.items() if not k.startswith("textual_backward.")}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{title}: {_few(keys)}" for title, keys in (
+            ("shape mismatch (checkpoint vs model)", shapes), ("missing", missing),
+            ("unexpected", unexpected)) if keys]
+        hint = ""
+        if missing and all(k.startswith("textual_backward.") for k in missing):
+            hint = " (a forward-only captioning checkpoint: use the model @tasks.captioning)"
+        raise UserError(f"checkpoint '{source}' does not fit the {type(model).__name__} "
+                        f"model ({'; '.join(parts)}){hint}: are the model spec's visual / "
+                        "textual_size / vocab the ones it was trained with?")
+    return state
+
+
+def build_captioning_model(factory: Callable[[], nn.Module]) -> nn.Module:
+    """``factory()`` (e.g. ``tasks.bicaptioning``), checked to be able to caption."""
+    model = factory()
+    if not is_captioning_model(model):
+        raise UserError(f"{type(model).__name__} is not a captioning model (it cannot generate "
+                        "captions): use e.g. @tasks.bicaptioning or @tasks.captioning")
+    return model
+
+
+def load_captioning_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load checkpoint ``path`` (ours or published VirTex) into ``model``, strictly."""
+    state = checkpoint.load(path)
+    state = state.get("model", state)
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"checkpoint '{path}' holds no model state dict (expected "
+                        "{'model': {name: tensor}} or a state dict)")
+    model.load_state_dict(captioning_state_dict(state, model, str(path)))
+
+
+def load_captioning_model(factory: Callable[[], nn.Module], path: str | Path) -> nn.Module:
+    """Build ``factory()`` and load checkpoint ``path`` into it."""
+    model = build_captioning_model(factory)
+    load_captioning_checkpoint(model, path)
+    return model
+
+
+class ModelSource:
+    """Which model an evaluator captions with: the run's pretrained ``ctx.model`` if it
+    can caption, else ``factory()`` (built once) loaded from ``ctx.ckpt``."""
+
+    def __init__(self, factory: Callable[[], nn.Module] | None, evaluator: str):
+        self.factory, self.evaluator = factory, evaluator
+        self._model: nn.Module | None = None
+        self._loaded: Path | None = None
+
+    def __call__(self, ctx: Context) -> nn.Module | None:
+        """The model, on ``ctx.device``; None when the run has neither model nor checkpoint
+        (e.g. the random-init comparison of a pretraining run)."""
+        if ctx.model is not None:
+            if not is_captioning_model(ctx.model):
+                raise UserError(f"evaluators.{self.evaluator}: this run pretrained a "
+                                f"{type(ctx.model).__name__}, which cannot generate captions")
+            return ctx.model
+        if ctx.ckpt is None:
+            return None
+        if self.factory is None:
+            raise UserError(f"evaluators.{self.evaluator}.model is not set: bind it to the task "
+                            "factory the checkpoint was trained with, e.g. @tasks.bicaptioning")
+        if self._model is None:
+            self._model = build_captioning_model(self.factory)
+        if self._loaded != Path(ctx.ckpt):  # each checkpoint of a sweep in turn
+            load_captioning_checkpoint(self._model, ctx.ckpt)
+            self._loaded = Path(ctx.ckpt)
+        return self._model.to(ctx.device)

@@ -1,0 +1,383 @@
+"""The VOC07 linear-SVM protocol (PIRL / FAIR self-supervision benchmark), batched in torch.
+
+Every (fold, cost, class) SVM of the protocol is solved at once: frozen features,
+L2-normalised per row, one liblinear-style L2-regularised squared-hinge SVM per class
+and cost, the cost picked per class by the mean average precision of a 3-fold
+stratified cross-validation on trainval (the folds scikit-learn's ``cross_val_score``
+uses for a classifier), the winner refit on all of trainval and scored on test with
+``average_precision_score``'s (non-interpolated) AP, difficult examples ignored.
+
+Each SVM minimises, as liblinear does for ``LinearSVC(loss="squared_hinge", dual=True,
+intercept_scaling=1, class_weight={1: pos_weight, -1: 1})``::
+
+    0.5 * (|w|^2 + b^2) + C * sum_i c_i * max(0, 1 - y_i * (w.x_i + b))^2
+
+(``c_i = pos_weight`` on positives, 1 on negatives; the bias is an extra feature of value 1
+and is regularised with ``w``). It is convex, piecewise quadratic and once differentiable;
+it is solved by a batched Newton method on the generalised Hessian
+``I + X^T diag(2 C c_i [margin_i < 1]) X``: directions by preconditioned conjugate
+gradients with one matrix product per iteration for the whole batch, steps by an exact line
+search. The features are rotated once into the eigenbasis of ``X^T X`` (an orthogonal change
+of variables, so the problem is unchanged), where the Hessian is nearly diagonal apart from
+its leading directions; the preconditioner is that diagonal plus the exact leading
+``block x block`` corner of every problem's Hessian. Matrix products with the features run
+in ``compute_dtype`` (float32 by default); iterates, margins, objectives and the line search
+are float64, and the final scores are recomputed in float64.
+
+scikit-learn is not needed at run time (tests compare against it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "average_precision",
+    "fit_linear_svms",
+    "l2_normalize",
+    "stratified_kfold",
+    "voc07_svm_map",
+]
+
+
+def l2_normalize(x: Tensor) -> Tensor:
+    """Rows of ``x`` scaled to unit L2 norm (all-zero rows stay zero)."""
+    norm = x.norm(dim=1, keepdim=True)
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def stratified_kfold(y: Tensor, n_splits: int = 3) -> Tensor:
+    """Test-fold index per sample and column, as scikit-learn's ``StratifiedKFold`` (no shuffle).
+
+    ``y`` is (N, K) with binary labels per column (any two values); returns (N, K) int64 in
+    ``[0, n_splits)``. Per column, labels are numbered by order of first appearance; fold ``f``
+    receives as many samples of label ``j`` as the round-robin ``sorted(y)[f::n_splits]``
+    holds, and the samples of each label go to the folds in blocks, in data order.
+    """
+    y = y.reshape(y.shape[0], -1)
+    n, s = y.shape[0], n_splits
+    first = y[:1] == y  # label of the first sample: number 0
+    n0 = first.sum(0)  # (K,)
+    f = torch.arange(s, device=y.device)
+
+    def hits(count: Tensor) -> Tensor:
+        """How many of positions 0..count-1 fall in each residue class f (mod s): (K, s)."""
+        return torch.div(count[:, None] - f[None] + s - 1, s, rounding_mode="floor").clamp(min=0)
+
+    total = torch.full_like(n0, n)
+    alloc0 = hits(n0)
+    alloc1 = hits(total) - alloc0  # sorted labels: n0 zeros, then the other label
+    rank = torch.where(first, first.cumsum(0), (~first).cumsum(0)) - 1  # rank within label
+    bounds = torch.where(first[..., None], alloc0.cumsum(1)[None], alloc1.cumsum(1)[None])
+    return (rank[..., None] >= bounds[..., :-1]).sum(-1)
+
+
+def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
+    """Per-column average precision, as scikit-learn's ``average_precision_score``.
+
+    ``scores`` and ``targets`` are (N, K) (or (N,)); targets are 1 (positive), -1 (negative)
+    or 0 (ignored). AP = sum over distinct score thresholds of (recall gain) x (precision
+    there), tied scores forming one threshold. A column without positives gets 0.
+    """
+    squeeze = scores.dim() == 1
+    scores = scores.reshape(scores.shape[0], -1).double()
+    targets = targets.reshape(targets.shape[0], -1).to(scores.device)
+    if scores.shape[0] == 0:
+        out = torch.zeros(scores.shape[1], dtype=torch.float64, device=scores.device)
+        return out[0] if squeeze else out
+    s, order = scores.sort(dim=0, descending=True)
+    t = targets.gather(0, order)
+    pos, neg = (t > 0).double(), (t < 0).double()
+    tp, fp = pos.cumsum(0), neg.cumsum(0)
+    # Last index of every run of equal scores; each entry looks up the end of its run.
+    n = s.shape[0]
+    idx = torch.arange(n, device=s.device)[:, None].expand_as(s)
+    last = torch.ones_like(s, dtype=torch.bool)
+    last[:-1] = s[1:] != s[:-1]
+    end = torch.where(last, idx, torch.full_like(idx, n - 1)).flip(0).cummin(0).values.flip(0)
+    tp_end, fp_end = tp.gather(0, end), fp.gather(0, end)
+    precision = tp_end / (tp_end + fp_end).clamp(min=1)
+    npos = pos.sum(0)
+    out = (pos * precision).sum(0) / npos.clamp(min=1)
+    return out[0] if squeeze else out
+
+
+# ----------------------------------------------------------------------------- solver
+
+
+@contextmanager
+def _lapack_threads(device: torch.device) -> Iterator[None]:
+    """One CPU thread for LAPACK calls: multi-threaded MKL factorisations are barrier-bound and
+    can run tens of times slower on a busy machine, for little gain on a quiet one."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rotate(xb: Tensor) -> tuple[Tensor, Tensor]:
+    """Orthonormal ``V`` (D, r) spanning the row space of ``xb`` and ``Z = xb V`` (N, r).
+
+    Columns are ordered by decreasing ``|Z e_j|^2`` (eigenvalues of ``xb^T xb``), so
+    ``Z^T Z`` is diagonal and ``w = V z`` maps solutions back.
+    """
+    n, d = xb.shape
+    if n >= d:
+        gram = xb.T @ xb
+        with _lapack_threads(xb.device):
+            ev, vec = torch.linalg.eigh(gram)
+        ev, vec = ev.flip(0), vec.flip(1)
+        keep = ev > ev[0].clamp(min=0) * 1e-12
+        v = vec[:, keep]
+        return xb @ v, v
+    gram = xb @ xb.T
+    with _lapack_threads(xb.device):
+        ev, u = torch.linalg.eigh(gram)
+    ev, u = ev.flip(0), u.flip(1)
+    keep = ev > ev[0].clamp(min=0) * 1e-12
+    sv = ev[keep].sqrt()
+    z = u[:, keep] * sv
+    return z, (xb.T @ u[:, keep]) / sv
+
+
+class _Operator:
+    """The rotated features in the compute dtype, plus what the preconditioner needs."""
+
+    def __init__(self, z: Tensor, block: int, dtype: torch.dtype):
+        self.z64 = z
+        self.z = z.to(dtype).contiguous()
+        self.dtype = dtype
+        self.zsq_t = (self.z * self.z).T.contiguous()  # (r, N): diagonal of Z^T A Z
+        self.q = min(block, z.shape[1])
+        self.iu = torch.triu_indices(self.q, self.q, device=z.device)
+        zq = self.z[:, : self.q]
+        self.pairs_t = (zq[:, self.iu[0]] * zq[:, self.iu[1]]).T.contiguous()  # (q(q+1)/2, N)
+
+    def forward(self, p: Tensor) -> Tensor:
+        """``Z p`` for float64 ``p`` (r, b), in the compute dtype."""
+        return self.z @ p.to(self.dtype)
+
+    def backward(self, u: Tensor) -> Tensor:
+        """``Z^T u`` for ``u`` (N, b) in the compute dtype, as float64."""
+        return (self.z.T @ u).double()
+
+    def preconditioner(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """Diagonal (r, b) and inverse leading block (b, q, q) of ``I + Z^T diag(a) Z``."""
+        diag = 1.0 + (self.zsq_t @ a).double()
+        q, b = self.q, a.shape[1]
+        tri = (self.pairs_t @ a).double().T  # (b, q(q+1)/2)
+        h = torch.zeros(b, q, q, dtype=torch.float64, device=a.device)
+        h[:, self.iu[0], self.iu[1]] = tri
+        h[:, self.iu[1], self.iu[0]] = tri
+        h.diagonal(dim1=1, dim2=2).add_(1.0)
+        with _lapack_threads(h.device):
+            block_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+        return diag, block_inv
+
+
+def _apply_preconditioner(res: Tensor, diag: Tensor, block_inv: Tensor) -> Tensor:
+    out = res / diag
+    q = block_inv.shape[1]
+    out[:q] = torch.bmm(block_inv, res[:q].T.unsqueeze(2)).squeeze(2).T
+    return out
+
+
+def _pcg(op: _Operator, a: Tensor, rhs: Tensor, diag: Tensor, block_inv: Tensor,
+         rtol: float, max_iter: int) -> Tensor:
+    """Solve ``(I + Z^T diag(a) Z) d = rhs`` for every column of ``rhs`` (r, b).
+
+    Preconditioned CG to ``|residual| <= rtol |rhs|`` per column; finished columns leave the
+    batch, so the matrix products shrink as problems converge.
+    """
+    d = torch.zeros_like(rhs)
+    cols = torch.arange(rhs.shape[1], device=rhs.device)
+    res = rhs.clone()
+    pz = _apply_preconditioner(res, diag, block_inv)
+    p, rz = pz, (res * pz).sum(0)
+    stop = rtol**2 * (res * res).sum(0)
+    dw = torch.zeros_like(rhs)
+    for _ in range(max_iter):
+        hp = p + op.backward(a * op.forward(p))
+        php = (p * hp).sum(0)
+        alpha = torch.where(php > 0, rz / php, torch.zeros_like(php))
+        dw += alpha * p
+        res -= alpha * hp
+        running = (res * res).sum(0) > stop
+        if not bool(running.all()):
+            d[:, cols[~running]] = dw[:, ~running]
+            if not bool(running.any()):
+                return d
+            cols, a, diag, block_inv = cols[running], a[:, running], diag[:, running], \
+                block_inv[running]
+            p, res, rz, stop, dw = p[:, running], res[:, running], rz[running], stop[running], \
+                dw[:, running]
+        pz = _apply_preconditioner(res, diag, block_inv)
+        rz_new = (res * pz).sum(0)
+        p = pz + (rz_new / rz) * p
+        rz = rz_new
+    d[:, cols] = dw
+    return d
+
+
+def _line_search(w: Tensor, f: Tensor, d: Tensor, e: Tensor, y: Tensor, lam: Tensor,
+                 max_iter: int = 50) -> Tensor:
+    """Exact minimiser ``t`` of the objective along ``w + t d`` (margins ``f + t e``), per column.
+
+    The derivative is continuous, piecewise linear and nondecreasing in ``t``: safeguarded
+    Newton steps inside a bracket, which land on the root once they reach its linear piece.
+    """
+    wd, dd = (w * d).sum(0), (d * d).sum(0)
+    slack, ye = 1 - y * f, y * e  # margin slack at t: slack - t * ye
+    lam_ye, lam_ee = lam * ye, lam * e * e
+    t = torch.ones_like(wd)
+    lo, hi = torch.zeros_like(wd), torch.full_like(wd, float("inf"))
+    done = torch.zeros_like(wd, dtype=torch.bool)
+    for _ in range(max_iter):
+        m = (slack - t * ye).clamp_(min=0)
+        g1 = wd + t * dd - (lam_ye * m).sum(0)
+        g2 = dd + (lam_ee * (m > 0)).sum(0)
+        step = t - g1 / g2.clamp(min=1e-300)
+        # A Newton step that barely moves t means t is the root (up to rounding): keep it.
+        done |= (step - t).abs() <= 1e-12 * t.abs().clamp(min=1)
+        lo = torch.where(g1 < 0, t, lo)
+        hi = torch.where(g1 > 0, t, hi)
+        outside = (step <= lo) | (step >= hi)
+        fallback = torch.where(torch.isinf(hi), 2 * t, 0.5 * (lo + hi))
+        t = torch.where(done, t, torch.where(outside, fallback, step))
+        if bool(done.all()):
+            break
+    return t
+
+
+def _objective(w: Tensor, f: Tensor, y: Tensor, lam: Tensor) -> Tensor:
+    m = (1 - y * f).clamp(min=0)
+    return 0.5 * (w * w).sum(0) + 0.5 * (lam * m * m).sum(0)
+
+
+def _newton(op: _Operator, y: Tensor, lam: Tensor, max_iter: int, tol: float, cg_rtol: float,
+            max_cg: int) -> Tensor:
+    """Batched Newton method; column ``j`` minimises
+    ``0.5 |z|^2 + 0.5 sum_i lam_ij max(0, 1 - y_ij (Z z)_i)^2``. Returns ``z`` (r, B).
+
+    A column stops once its Newton decrement (the decrease the quadratic model promises)
+    is at most ``tol`` times its objective; the step along that last direction is still taken.
+    """
+    r, nb = op.z.shape[1], y.shape[1]
+    w = torch.zeros(r, nb, dtype=torch.float64, device=y.device)
+    f = torch.zeros(y.shape, dtype=torch.float64, device=y.device)
+    live = torch.arange(nb, device=y.device)
+    for _ in range(max_iter):
+        if live.numel() == 0:
+            break
+        yl, laml, wl, fl = y[:, live], lam[:, live], w[:, live], f[:, live]
+        m = (1 - yl * fl).clamp(min=0)
+        a = (laml * (m > 0)).to(op.dtype)
+        grad = wl - op.backward((laml * yl * m).to(op.dtype))
+        diag, block_inv = op.preconditioner(a)
+        d = _pcg(op, a, -grad, diag, block_inv, cg_rtol, max_cg)
+        e = op.z64 @ d  # margins move along Z d: exact, in float64
+        decrement = -(grad * d).sum(0)  # = d^T H d for exact d: twice the model decrease
+        t = _line_search(wl, fl, d, e, yl, laml)
+        t = torch.where(decrement > 0, t, torch.zeros_like(t))
+        wl, fl = wl + t * d, fl + t * e
+        w[:, live], f[:, live] = wl, fl
+        done = 0.5 * decrement <= tol * _objective(wl, fl, yl, laml)
+        live = live[~done]
+    return w
+
+
+def fit_linear_svms(x: Tensor, y: Tensor, costs: Tensor | Sequence[float], pos_weight: float = 2.0,
+                    max_iter: int = 100, tol: float = 1e-9, *, masks: Tensor | None = None,
+                    block: int = 64, cg_rtol: float = 0.1, max_cg: int = 500,
+                    compute_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Weights (M, K, D) and biases (M, K) of every (cost, class) SVM, solved as one batch.
+
+    ``x`` (N, D) are the features as given (not normalised here); ``y`` (N, K) the labels,
+    ``> 0`` positive, anything else negative. Each SVM minimises liblinear's primal
+    ``0.5 (|w|^2 + b^2) + C sum_i c_i max(0, 1 - y_i (w.x_i + b))^2`` with ``c_i = pos_weight``
+    on positives. ``masks`` (G, N, K), optional, selects the training samples of G problem sets
+    (e.g. cross-validation folds); the outputs then gain a leading G axis. ``max_iter`` bounds
+    the Newton iterations, ``tol`` is the relative Newton decrement at which a problem stops.
+    Computation runs on ``x``'s device; results are float64.
+    """
+    device = x.device
+    xb = torch.cat([x.to(device, torch.float64),
+                    torch.ones(x.shape[0], 1, dtype=torch.float64, device=device)], 1)
+    costs_t = torch.as_tensor(costs, dtype=torch.float64, device=device).reshape(-1)
+    yb = torch.where(y.to(device) > 0, 1.0, -1.0).to(torch.float64).reshape(x.shape[0], -1)
+    n, k, nc = xb.shape[0], yb.shape[1], costs_t.numel()
+    grouped = masks is not None
+    if masks is None:
+        masks = torch.ones(1, n, k, dtype=torch.bool, device=device)
+    masks = masks.to(device).reshape(-1, n, k)
+    g = masks.shape[0]
+    weight = torch.where(yb > 0, float(pos_weight), 1.0)  # (N, K)
+    # Problem j = (group, cost, class), class fastest: lam = 2 C c_i [i in training set].
+    lam = 2 * costs_t[None, :, None, None] * (weight * masks)[:, None]  # (G, M, N, K)
+    lam = lam.permute(2, 0, 1, 3).reshape(n, g * nc * k)
+    ys = yb[:, None, None, :].expand(n, g, nc, k).reshape(n, g * nc * k)
+
+    z, v = _rotate(xb)
+    op = _Operator(z, block, compute_dtype)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        zw = _newton(op, ys, lam, max_iter, tol, cg_rtol, max_cg)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    wb = (v @ zw).T.reshape(g, nc, k, -1)  # (G, M, K, D + 1)
+    weights, biases = wb[..., :-1], wb[..., -1]
+    return (weights, biases) if grouped else (weights[0], biases[0])
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+def voc07_svm_map(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                  costs: Sequence[float] = (0.01, 0.1, 1.0, 10.0), folds: int = 3,
+                  pos_weight: float = 2.0, device: torch.device | str | None = None) -> dict:
+    """The VOC07 linear-SVM protocol; returns ``{"mAP", "ap", "best_cost"}`` (APs in percent).
+
+    ``train_x`` (N, D) / ``test_x`` (T, D) frozen features; ``train_y`` (N, K) / ``test_y``
+    (T, K) labels in {1, -1, 0} (0 = difficult: a negative for training, ignored at test).
+    Per class, the cost with the best mean AP over ``folds``-fold stratified cross-validation
+    on trainval wins (ties: the earlier cost); its SVM refit on all of trainval is scored on test.
+    """
+    device = torch.device(device) if device is not None else torch.as_tensor(train_x).device
+    train_x = l2_normalize(torch.as_tensor(train_x).to(device, torch.float64))
+    test_x = l2_normalize(torch.as_tensor(test_x).to(device, torch.float64))
+    train_y = torch.as_tensor(train_y).to(device).reshape(train_x.shape[0], -1)
+    test_y = torch.as_tensor(test_y).to(device).reshape(test_x.shape[0], -1)
+    yb = torch.where(train_y > 0, 1, -1)
+    n, k, nc = train_x.shape[0], yb.shape[1], len(costs)
+
+    fold = stratified_kfold(yb, folds)  # (N, K)
+    held_out = fold[None] == torch.arange(folds, device=device)[:, None, None]  # (F, N, K)
+    masks = torch.cat([~held_out, torch.ones(1, n, k, dtype=torch.bool, device=device)])
+    weights, biases = fit_linear_svms(train_x, yb, costs, pos_weight, masks=masks)
+
+    # Cross-validation: AP of each fold's SVMs on its held-out samples.
+    cv_w, cv_b = weights[:folds].reshape(-1, train_x.shape[1]), biases[:folds].reshape(-1)
+    cv_scores = train_x @ cv_w.T + cv_b  # (N, F*M*K)
+    cv_targets = torch.where(held_out[:, None], yb[None, None], 0)  # (F, M, N, K)
+    cv_targets = cv_targets.expand(folds, nc, n, k).permute(2, 0, 1, 3).reshape(n, -1)
+    cv_ap = average_precision(cv_scores, cv_targets).reshape(folds, nc, k).mean(0)  # (M, K)
+    best = cv_ap.argmax(0)  # first maximum: the smallest cost among ties
+
+    classes = torch.arange(k, device=device)
+    w, b = weights[folds, best, classes], biases[folds, best, classes]  # (K, D), (K,)
+    ap = average_precision(test_x @ w.T + b, test_y) * 100
+    return {
+        "mAP": float(ap.mean()),
+        "ap": [float(a) for a in ap],
+        "best_cost": [float(costs[i]) for i in best.tolist()],
+    }
