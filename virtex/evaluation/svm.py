@@ -20,9 +20,10 @@ gradients with one matrix product per iteration for the whole batch, steps by an
 search. The features are rotated once into the eigenbasis of ``X^T X`` (an orthogonal change
 of variables, so the problem is unchanged), where the Hessian is nearly diagonal apart from
 its leading directions; the preconditioner is that diagonal plus the exact leading
-``block x block`` corner of every problem's Hessian. Matrix products with the features run
-in ``compute_dtype`` (float32 by default); iterates, margins, objectives and the line search
-are float64, and the final scores are recomputed in float64.
+``block x block`` corner of every problem's Hessian. Products with the features and the CG
+iterations run in ``compute_dtype`` (float32 by default); iterates, margins, objectives and
+the line search are float64, and the final scores are recomputed in float64. Problems that
+have converged leave the batch. Everything runs on the device of the inputs.
 
 scikit-learn is not needed at run time (tests compare against it).
 """
@@ -76,6 +77,7 @@ def stratified_kfold(y: Tensor, n_splits: int = 3) -> Tensor:
     return (rank[..., None] >= bounds[..., :-1]).sum(-1)
 
 
+@torch.no_grad()
 def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
     """Per-column average precision, as scikit-learn's ``average_precision_score``.
 
@@ -124,130 +126,145 @@ def _lapack_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _rotate(xb: Tensor) -> tuple[Tensor, Tensor]:
+def _rotate(xb: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Orthonormal ``V`` (D, r) spanning the row space of ``xb`` and ``Z = xb V`` (N, r).
 
-    Columns are ordered by decreasing ``|Z e_j|^2`` (eigenvalues of ``xb^T xb``), so
-    ``Z^T Z`` is diagonal and ``w = V z`` maps solutions back.
+    Columns are ordered by decreasing ``|Z e_j|^2`` (eigenvalues of ``xb^T xb``), so ``Z^T Z``
+    is diagonal and ``w = V z`` maps solutions back. ``V`` is float64 and orthonormal to
+    rounding (the change of variables is exact); the N x D products run in ``dtype``, which
+    only decides how well ``V`` diagonalises the Gram matrix and the precision of ``Z``.
     """
     n, d = xb.shape
     if n >= d:
-        gram = xb.T @ xb
+        xc = xb.to(dtype)
+        gram = (xc.T @ xc).double()
         with _lapack_threads(xb.device):
             ev, vec = torch.linalg.eigh(gram)
         ev, vec = ev.flip(0), vec.flip(1)
-        keep = ev > ev[0].clamp(min=0) * 1e-12
-        v = vec[:, keep]
-        return xb @ v, v
-    gram = xb @ xb.T
+        v = vec[:, ev > ev[0].clamp(min=0) * 1e-12]
+        return xc @ v.to(dtype), v
+    gram = xb @ xb.T  # fewer samples than dimensions: work in the N-dim sample space
     with _lapack_threads(xb.device):
         ev, u = torch.linalg.eigh(gram)
     ev, u = ev.flip(0), u.flip(1)
     keep = ev > ev[0].clamp(min=0) * 1e-12
     sv = ev[keep].sqrt()
-    z = u[:, keep] * sv
-    return z, (xb.T @ u[:, keep]) / sv
+    return (u[:, keep] * sv).to(dtype), (xb.T @ u[:, keep]) / sv
 
 
 class _Operator:
-    """The rotated features in the compute dtype, plus what the preconditioner needs."""
+    """The rotated features ``Z`` (N, r) in the compute dtype, for problem-major products."""
 
     def __init__(self, z: Tensor, block: int, dtype: torch.dtype):
-        self.z64 = z
-        self.z = z.to(dtype).contiguous()
         self.dtype = dtype
-        self.zsq_t = (self.z * self.z).T.contiguous()  # (r, N): diagonal of Z^T A Z
-        self.q = min(block, z.shape[1])
+        self.z = z.to(dtype).contiguous()  # (N, r): U @ Z
+        self.zt = self.z.T.contiguous()  # (r, N): P @ Z^T
+        self.r = self.z.shape[1]
+        self.q = min(block, self.r)
         self.iu = torch.triu_indices(self.q, self.q, device=z.device)
         zq = self.z[:, : self.q]
-        self.pairs_t = (zq[:, self.iu[0]] * zq[:, self.iu[1]]).T.contiguous()  # (q(q+1)/2, N)
+        # One product gives, per problem, the diagonal of Z^T diag(a) Z and the upper triangle
+        # of its leading q x q block.
+        self.sketch = torch.cat([self.z * self.z, zq[:, self.iu[0]] * zq[:, self.iu[1]]], 1)
 
     def forward(self, p: Tensor) -> Tensor:
-        """``Z p`` for float64 ``p`` (r, b), in the compute dtype."""
-        return self.z @ p.to(self.dtype)
+        """``Z p`` for every row ``p`` of (b, r): (b, N)."""
+        return p @ self.zt
 
     def backward(self, u: Tensor) -> Tensor:
-        """``Z^T u`` for ``u`` (N, b) in the compute dtype, as float64."""
-        return (self.z.T @ u).double()
+        """``Z^T u`` for every row ``u`` of (b, N): (b, r)."""
+        return u @ self.z
 
     def preconditioner(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        """Diagonal (r, b) and inverse leading block (b, q, q) of ``I + Z^T diag(a) Z``."""
-        diag = 1.0 + (self.zsq_t @ a).double()
-        q, b = self.q, a.shape[1]
-        tri = (self.pairs_t @ a).double().T  # (b, q(q+1)/2)
+        """Diagonal (b, r) and inverse leading block (b, q, q) of ``I + Z^T diag(a) Z``."""
+        sketch = a @ self.sketch
+        diag = 1.0 + sketch[:, : self.r]
+        q, b = self.q, a.shape[0]
+        tri = sketch[:, self.r :].double()
         h = torch.zeros(b, q, q, dtype=torch.float64, device=a.device)
         h[:, self.iu[0], self.iu[1]] = tri
         h[:, self.iu[1], self.iu[0]] = tri
         h.diagonal(dim1=1, dim2=2).add_(1.0)
         with _lapack_threads(h.device):
             block_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        return diag, block_inv
+        return diag, block_inv.to(self.dtype)
 
 
 def _apply_preconditioner(res: Tensor, diag: Tensor, block_inv: Tensor) -> Tensor:
     out = res / diag
     q = block_inv.shape[1]
-    out[:q] = torch.bmm(block_inv, res[:q].T.unsqueeze(2)).squeeze(2).T
+    out[:, :q] = torch.bmm(block_inv, res[:, :q, None]).squeeze(2)
     return out
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products of two (b, n) tensors without a (b, n) temporary."""
+    return torch.einsum("bn,bn->b", a, b)
 
 
 def _pcg(op: _Operator, a: Tensor, rhs: Tensor, diag: Tensor, block_inv: Tensor,
          rtol: float, max_iter: int) -> Tensor:
-    """Solve ``(I + Z^T diag(a) Z) d = rhs`` for every column of ``rhs`` (r, b).
+    """Solve ``(I + Z^T diag(a_j) Z) d_j = rhs_j`` for every row ``j`` of ``rhs`` (b, r).
 
-    Preconditioned CG to ``|residual| <= rtol |rhs|`` per column; finished columns leave the
-    batch, so the matrix products shrink as problems converge.
+    Preconditioned CG to ``|residual| <= rtol |rhs|`` per row, in the compute dtype. Finished
+    rows are frozen (zero search direction) and, once a tenth of the batch is frozen, dropped
+    from it, so the matrix products shrink as problems converge.
     """
     d = torch.zeros_like(rhs)
-    cols = torch.arange(rhs.shape[1], device=rhs.device)
+    rows = torch.arange(rhs.shape[0], device=rhs.device)
     res = rhs.clone()
-    pz = _apply_preconditioner(res, diag, block_inv)
-    p, rz = pz, (res * pz).sum(0)
-    stop = rtol**2 * (res * res).sum(0)
+    p = _apply_preconditioner(res, diag, block_inv)
+    rz = (res * p).sum(1)
+    stop = rtol**2 * (res * res).sum(1)
     dw = torch.zeros_like(rhs)
+    running = stop > 0
     for _ in range(max_iter):
         hp = p + op.backward(a * op.forward(p))
-        php = (p * hp).sum(0)
-        alpha = torch.where(php > 0, rz / php, torch.zeros_like(php))
-        dw += alpha * p
-        res -= alpha * hp
-        running = (res * res).sum(0) > stop
-        if not bool(running.all()):
-            d[:, cols[~running]] = dw[:, ~running]
-            if not bool(running.any()):
-                return d
-            cols, a, diag, block_inv = cols[running], a[:, running], diag[:, running], \
-                block_inv[running]
-            p, res, rz, stop, dw = p[:, running], res[:, running], rz[running], stop[running], \
-                dw[:, running]
+        php = (p * hp).sum(1)
+        alpha = torch.where(php > 0, rz / php, torch.zeros_like(php))[:, None]
+        dw.addcmul_(alpha, p)
+        res.addcmul_(alpha, hp, value=-1)
+        running &= (res * res).sum(1) > stop
+        n_running = int(running.sum())
+        if n_running == 0:
+            break
+        if n_running <= 0.9 * running.numel():
+            d[rows[~running]] = dw[~running]
+            keep = running
+            rows, a, diag, block_inv = rows[keep], a[keep], diag[keep], block_inv[keep]
+            p, res, rz, stop, dw = p[keep], res[keep], rz[keep], stop[keep], dw[keep]
+            running = running[keep]
         pz = _apply_preconditioner(res, diag, block_inv)
-        rz_new = (res * pz).sum(0)
-        p = pz + (rz_new / rz) * p
+        rz_new = (res * pz).sum(1)
+        p = torch.where(running[:, None], pz + (rz_new / rz)[:, None] * p, 0)
         rz = rz_new
-    d[:, cols] = dw
+    d[rows] = dw
     return d
 
 
-def _line_search(w: Tensor, f: Tensor, d: Tensor, e: Tensor, y: Tensor, lam: Tensor,
+def _line_search(w: Tensor, slack: Tensor, d: Tensor, e: Tensor, y: Tensor, lam: Tensor,
                  max_iter: int = 50) -> Tensor:
-    """Exact minimiser ``t`` of the objective along ``w + t d`` (margins ``f + t e``), per column.
+    """Exact minimiser ``t`` of the objective along ``w + t d`` for every row (problem).
 
-    The derivative is continuous, piecewise linear and nondecreasing in ``t``: safeguarded
-    Newton steps inside a bracket, which land on the root once they reach its linear piece.
+    ``slack = 1 - y * f`` at ``t = 0`` and ``e = Z d``, so the slack at ``t`` is
+    ``slack - t * y * e``. The derivative in ``t`` is continuous, piecewise linear and
+    nondecreasing: safeguarded Newton steps inside a bracket, which land on the root once they
+    reach its linear piece.
     """
-    wd, dd = (w * d).sum(0), (d * d).sum(0)
-    slack, ye = 1 - y * f, y * e  # margin slack at t: slack - t * ye
-    lam_ye, lam_ee = lam * ye, lam * e * e
+    wd, dd = (w * d).sum(1), (d * d).sum(1)
+    ye = y * e
+    lam_ye = lam * ye
+    lam_ee = lam_ye * ye
     t = torch.ones_like(wd)
     lo, hi = torch.zeros_like(wd), torch.full_like(wd, float("inf"))
     done = torch.zeros_like(wd, dtype=torch.bool)
     for _ in range(max_iter):
-        m = (slack - t * ye).clamp_(min=0)
-        g1 = wd + t * dd - (lam_ye * m).sum(0)
-        g2 = dd + (lam_ee * (m > 0)).sum(0)
+        m = torch.addcmul(slack, ye, t[:, None], value=-1).clamp_(min=0)
+        g1 = wd + t * dd - _rowdot(lam_ye, m)
+        g2 = dd + _rowdot(lam_ee, m.sign_())
         step = t - g1 / g2.clamp(min=1e-300)
         # A Newton step that barely moves t means t is the root (up to rounding): keep it.
-        done |= (step - t).abs() <= 1e-12 * t.abs().clamp(min=1)
+        done |= (step - t).abs() <= 1e-10 * t.abs().clamp(min=1)
         lo = torch.where(g1 < 0, t, lo)
         hi = torch.where(g1 > 0, t, hi)
         outside = (step <= lo) | (step >= hi)
@@ -258,45 +275,49 @@ def _line_search(w: Tensor, f: Tensor, d: Tensor, e: Tensor, y: Tensor, lam: Ten
     return t
 
 
-def _objective(w: Tensor, f: Tensor, y: Tensor, lam: Tensor) -> Tensor:
-    m = (1 - y * f).clamp(min=0)
-    return 0.5 * (w * w).sum(0) + 0.5 * (lam * m * m).sum(0)
-
-
 def _newton(op: _Operator, y: Tensor, lam: Tensor, max_iter: int, tol: float, cg_rtol: float,
             max_cg: int) -> Tensor:
-    """Batched Newton method; column ``j`` minimises
-    ``0.5 |z|^2 + 0.5 sum_i lam_ij max(0, 1 - y_ij (Z z)_i)^2``. Returns ``z`` (r, B).
+    """Batched Newton method; row ``j`` of the result (B, r) minimises
+    ``0.5 |z|^2 + 0.5 sum_i lam_ji max(0, 1 - y_ji (Z z)_i)^2`` (``y``, ``lam``: (B, N)).
 
-    A column stops once its Newton decrement (the decrease the quadratic model promises)
-    is at most ``tol`` times its objective; the step along that last direction is still taken.
+    A problem stops once its Newton decrement (what the quadratic model promises) is at most
+    ``tol`` times its objective; the step along that last direction is still taken. Finished
+    problems leave the batch.
     """
-    r, nb = op.z.shape[1], y.shape[1]
-    w = torch.zeros(r, nb, dtype=torch.float64, device=y.device)
-    f = torch.zeros(y.shape, dtype=torch.float64, device=y.device)
-    live = torch.arange(nb, device=y.device)
+    nb = y.shape[0]
+    out = torch.zeros(nb, op.r, dtype=torch.float64, device=y.device)
+    ids = torch.arange(nb, device=y.device)
+    w = torch.zeros_like(out)
+    f = torch.zeros_like(y)
     for _ in range(max_iter):
-        if live.numel() == 0:
-            break
-        yl, laml, wl, fl = y[:, live], lam[:, live], w[:, live], f[:, live]
-        m = (1 - yl * fl).clamp(min=0)
-        a = (laml * (m > 0)).to(op.dtype)
-        grad = wl - op.backward((laml * yl * m).to(op.dtype))
+        slack = 1 - y * f
+        m = slack.clamp(min=0)
+        lam_m = lam * m
+        a = torch.where(slack > 0, lam, 0).to(op.dtype)
+        grad = w - op.backward((lam_m * y).to(op.dtype)).double()
+        objective = 0.5 * (w * w).sum(1) + 0.5 * _rowdot(lam_m, m)
         diag, block_inv = op.preconditioner(a)
-        d = _pcg(op, a, -grad, diag, block_inv, cg_rtol, max_cg)
-        e = op.z64 @ d  # margins move along Z d: exact, in float64
-        decrement = -(grad * d).sum(0)  # = d^T H d for exact d: twice the model decrease
-        t = _line_search(wl, fl, d, e, yl, laml)
-        t = torch.where(decrement > 0, t, torch.zeros_like(t))
-        wl, fl = wl + t * d, fl + t * e
-        w[:, live], f[:, live] = wl, fl
-        done = 0.5 * decrement <= tol * _objective(wl, fl, yl, laml)
-        live = live[~done]
-    return w
+        d = _pcg(op, a, (-grad).to(op.dtype), diag, block_inv, cg_rtol, max_cg)
+        e = op.forward(d)
+        d = d.double()
+        decrement = -(grad * d).sum(1)  # d^T H d for the exact Newton direction
+        t = torch.where(decrement > 0, _line_search(w, slack, d, e, y, lam), 0)[:, None]
+        w.addcmul_(t, d)
+        f.addcmul_(t, e)
+        done = 0.5 * decrement <= tol * objective
+        if bool(done.any()):
+            out[ids[done]] = w[done]
+            keep = ~done
+            ids, w, f, y, lam = ids[keep], w[keep], f[keep], y[keep], lam[keep]
+            if ids.numel() == 0:
+                return out
+    out[ids] = w
+    return out
 
 
+@torch.no_grad()
 def fit_linear_svms(x: Tensor, y: Tensor, costs: Tensor | Sequence[float], pos_weight: float = 2.0,
-                    max_iter: int = 100, tol: float = 1e-9, *, masks: Tensor | None = None,
+                    max_iter: int = 100, tol: float = 1e-7, *, masks: Tensor | None = None,
                     block: int = 64, cg_rtol: float = 0.1, max_cg: int = 500,
                     compute_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """Weights (M, K, D) and biases (M, K) of every (cost, class) SVM, solved as one batch.
@@ -321,20 +342,21 @@ def fit_linear_svms(x: Tensor, y: Tensor, costs: Tensor | Sequence[float], pos_w
     masks = masks.to(device).reshape(-1, n, k)
     g = masks.shape[0]
     weight = torch.where(yb > 0, float(pos_weight), 1.0)  # (N, K)
-    # Problem j = (group, cost, class), class fastest: lam = 2 C c_i [i in training set].
-    lam = 2 * costs_t[None, :, None, None] * (weight * masks)[:, None]  # (G, M, N, K)
-    lam = lam.permute(2, 0, 1, 3).reshape(n, g * nc * k)
-    ys = yb[:, None, None, :].expand(n, g, nc, k).reshape(n, g * nc * k)
+    # Problem j = (group, cost, class), class fastest; one row of y and lam per problem.
+    lam = 2 * costs_t[None, :, None, None] * (weight * masks).transpose(1, 2)[:, None]
+    lam = lam.reshape(g * nc * k, n)  # 2 C c_i [i in the training set]: (G*M*K, N)
+    ys = yb.T[None, None].expand(g, nc, k, n).reshape(g * nc * k, n)
 
-    z, v = _rotate(xb)
+    z, v = _rotate(xb, compute_dtype)
     op = _Operator(z, block, compute_dtype)
+    del z
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
         zw = _newton(op, ys, lam, max_iter, tol, cg_rtol, max_cg)
     finally:
         torch.set_float32_matmul_precision(precision)
-    wb = (v @ zw).T.reshape(g, nc, k, -1)  # (G, M, K, D + 1)
+    wb = (zw @ v.T).reshape(g, nc, k, -1)  # (G, M, K, D + 1)
     weights, biases = wb[..., :-1], wb[..., -1]
     return (weights, biases) if grouped else (weights[0], biases[0])
 
@@ -342,6 +364,7 @@ def fit_linear_svms(x: Tensor, y: Tensor, costs: Tensor | Sequence[float], pos_w
 # ----------------------------------------------------------------------------- protocol
 
 
+@torch.no_grad()
 def voc07_svm_map(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
                   costs: Sequence[float] = (0.01, 0.1, 1.0, 10.0), folds: int = 3,
                   pos_weight: float = 2.0, device: torch.device | str | None = None) -> dict:
@@ -352,11 +375,13 @@ def voc07_svm_map(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tens
     Per class, the cost with the best mean AP over ``folds``-fold stratified cross-validation
     on trainval wins (ties: the earlier cost); its SVM refit on all of trainval is scored on test.
     """
-    device = torch.device(device) if device is not None else torch.as_tensor(train_x).device
-    train_x = l2_normalize(torch.as_tensor(train_x).to(device, torch.float64))
-    test_x = l2_normalize(torch.as_tensor(test_x).to(device, torch.float64))
-    train_y = torch.as_tensor(train_y).to(device).reshape(train_x.shape[0], -1)
-    test_y = torch.as_tensor(test_y).to(device).reshape(test_x.shape[0], -1)
+    train_x, train_y, test_x, test_y = (a if isinstance(a, Tensor) else torch.as_tensor(a)
+                                        for a in (train_x, train_y, test_x, test_y))
+    device = torch.device(device) if device is not None else train_x.device
+    train_x = l2_normalize(train_x.to(device, torch.float64))
+    test_x = l2_normalize(test_x.to(device, torch.float64))
+    train_y = train_y.to(device).reshape(train_x.shape[0], -1)
+    test_y = test_y.to(device).reshape(test_x.shape[0], -1)
     yb = torch.where(train_y > 0, 1, -1)
     n, k, nc = train_x.shape[0], yb.shape[1], len(costs)
 
