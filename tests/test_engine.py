@@ -67,6 +67,13 @@ def test_pretraining_writes_a_complete_run_dir(tiny_spec, tmp_path, monkeypatch)
                  "metrics.jsonl", "summary.md"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert {"loss/total", "loss/captioning_backward", "lr/backbone"} <= set(events.Tags()["scalars"])
+    samples = [t for t in events.Tags()["tensors"] if t.startswith("captions/samples")]
+    assert samples and len(events.Tensors(samples[0])) == 3  # one per checkpoint
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == [
         "step_0000004.pt", "step_0000008.pt", "step_0000012.pt"][-3:]
     state = torch.load(run_dir / "checkpoints" / "step_0000012.pt", weights_only=True)

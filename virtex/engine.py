@@ -221,6 +221,8 @@ class Trainer:
     """Pretrains a task model; checkpoints are written to ``run_dir/checkpoints``.
 
     ``log_prefix`` prefixes the logged names (for trainers run inside evaluators).
+    With ``sample_dataset`` (e.g. COCO val2017 with the eval transform), a captioning
+    model captions its first ``num_samples`` images at every checkpoint, to tensorboard.
     On CPU the training process uses ``cpu_threads`` threads (default: the cores
     left over by the ``num_workers`` loader processes, at least one).
     """
@@ -255,6 +257,8 @@ class Trainer:
         keep_every: int | None = None,
         log_every: int = 20,
         log_prefix: str = "",
+        sample_dataset: Dataset | None = None,
+        num_samples: int = 4,
     ):
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"trainer.optimizer: unknown '{optimizer}', expected sgd or adamw")
@@ -289,6 +293,24 @@ class Trainer:
             generator=torch.Generator().manual_seed(ctx.seed),
             prefetch_factor=4 if workers > 0 else None,
         )
+
+    @torch.no_grad()
+    def _log_samples(self, model: nn.Module, ctx: Context, step: int) -> None:
+        """Caption fixed images to tensorboard (beam search: no RNG is drawn)."""
+        if self.sample_dataset is None or not hasattr(model, "generate") \
+                or not hasattr(model, "tokenizer"):
+            return
+        items = [SampleSeeded(self.sample_dataset)[(i, i)]
+                 for i in range(min(self.num_samples, len(self.sample_dataset)))]
+        images = torch.stack([item["image"] for item in items]).to(ctx.device)
+        model.eval()
+        try:
+            tokens = model.generate(images, method="beam", beam_size=5)
+        finally:
+            model.train()
+        lines = [f"{int(item.get('image_id', i))}: {model.tokenizer.decode(t)}"
+                 for i, (item, t) in enumerate(zip(items, tokens))]
+        ctx.logger.text(f"{self.log_prefix}captions/samples", "  \n".join(lines), step)
 
     # -- the loop ---------------------------------------------------------------------
     def fit(self, model: nn.Module, ctx: Context, ckpt_dir: Path | None = None) -> nn.Module:
@@ -398,6 +420,8 @@ class Trainer:
             stop = dist.any_true(_STOP.is_set())  # every rank stops at the same step
             if step % self.checkpoint_every == 0 or step == self.max_steps or stop:
                 save(step)
+                if ctx.rank == 0:
+                    self._log_samples(model, ctx, step)
             if stop and step < self.max_steps:
                 ctx.info(f"stop requested: checkpoint saved at step {step}")
                 raise Preempted(step)
