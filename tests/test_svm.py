@@ -87,6 +87,11 @@ def reference(problem) -> dict:
     return sklearn_protocol(*problem)
 
 
+@pytest.fixture(scope="module")
+def ours(problem) -> dict:
+    return voc07_svm_map(*(torch.as_tensor(a) for a in problem))
+
+
 def test_l2_normalize_gives_unit_rows_and_keeps_zero_rows():
     x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [-1.0, 0.0]])
     assert torch.allclose(l2_normalize(x), torch.tensor([[0.6, 0.8], [0.0, 0.0], [-1.0, 0.0]]))
@@ -161,8 +166,8 @@ def test_masked_rows_are_left_out_of_training(problem):
         assert (bm - bs).abs().max() <= 1e-3 * scale
 
 
-def test_protocol_matches_sklearn(problem, reference):
-    result = voc07_svm_map(*(torch.as_tensor(a) for a in problem))
+def test_protocol_matches_sklearn(ours, reference):
+    result = ours
     assert set(result) == {"mAP", "ap", "best_cost"}
     assert len(result["ap"]) == 20 and len(result["best_cost"]) == 20
     assert result["mAP"] == pytest.approx(np.mean(result["ap"]), abs=1e-9)
@@ -171,6 +176,15 @@ def test_protocol_matches_sklearn(problem, reference):
     same = np.mean(np.array(result["best_cost"]) == np.array(reference["best_cost"]))
     assert same >= 0.8, (result["best_cost"], reference["best_cost"])
     assert np.abs(np.array(result["ap"]) - np.array(reference["ap"])).max() <= 2.0
+
+
+@pytest.mark.parametrize("options", [{"compute_dtype": torch.float64},
+                                     {"cg_dtype": torch.bfloat16}], ids=["float64", "bf16-cg"])
+def test_solver_precision_options_agree(problem, ours, options):
+    """float64 products throughout, or bf16 ones inside CG only: the same optimum, up to tol."""
+    result = voc07_svm_map(*(torch.as_tensor(a) for a in problem), **options)
+    assert result["best_cost"] == ours["best_cost"]
+    assert np.abs(np.array(result["ap"]) - np.array(ours["ap"])).max() <= 0.05
 
 
 def test_protocol_on_a_tiny_split_without_positives():
@@ -205,8 +219,8 @@ def test_every_tensor_follows_the_inputs_device():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu(problem):
-    cpu = voc07_svm_map(*(torch.as_tensor(a) for a in problem))
+def test_cuda_matches_cpu(problem, ours):
+    cpu = ours
     gpu = voc07_svm_map(*(torch.as_tensor(a).cuda() for a in problem))
     assert gpu["best_cost"] == cpu["best_cost"]
     assert gpu["mAP"] == pytest.approx(cpu["mAP"], abs=0.01)
