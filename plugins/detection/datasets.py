@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from virtex.data.readers import DataFormatError, _check_files, _field, _load_json
+from virtex.data.readers import _categories as read_categories
 
 _LVIS_LAYOUT = ("<root>/lvis_v1_<split>.json, images found from each image's coco_url as "
                 "<image_root>/<train2017|val2017>/<file> (e.g. lvis/lvis_v1_train.json, coco/)")
@@ -61,18 +62,9 @@ class DetectionData:
 
 # ----------------------------------------------------------------------------- COCO, LVIS
 def _categories(data: Any, path: Path) -> tuple[list[int], list[str]]:
-    cats = _field(data, "categories", list, str(path))
-    names: dict[int, str] = {}
-    for i, c in enumerate(cats):
-        where = f"{path}: categories[{i}]"
-        cid = _field(c, "id", int, where)
-        if cid in names:
-            raise DataFormatError(f"{where}: duplicate category id {cid}")
-        names[cid] = _field(c, "name", str, where)
-    if not names:
-        raise DataFormatError(f"{path}: 'categories' is empty")
-    ids = sorted(names)
-    return ids, [names[i] for i in ids]
+    """Category ids in sorted order and their names (the readers' checks and errors)."""
+    index, names = read_categories(_field(data, "categories", list, str(path)), path)
+    return sorted(index), names
 
 
 def _polygons(ann: dict, where: str) -> list[list[float]] | None:
