@@ -1,7 +1,7 @@
 """Seconds for the VOC07 linear-SVM protocol: scikit-learn's liblinear loop vs. the batched solver.
 
     python benchmarks/voc07_svm.py [--n_train 5011 --n_test 4952 --dim 2048 --device cpu|cuda]
-                                   [--quick] [--reference_jobs 1] [--no_reference]
+                                   [--quick] [--reference_jobs 1] [--no_reference] [--float32_cg]
 
 Both methods run in this process on the same synthetic features, VOC2007-sized by default:
 5011 trainval / 4952 test images, 2048-d ReLU features (like ResNet-50's pooled ones), the 20
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from virtex.evaluation.svm import voc07_svm_map  # noqa: E402
+from virtex.evaluation.svm import fast_bf16, voc07_svm_map  # noqa: E402
 
 COSTS = (0.01, 0.1, 1.0, 10.0)
 # Positive images per class in VOC2007 trainval (aeroplane ... tvmonitor), out of 5011.
@@ -129,8 +129,9 @@ def main() -> None:
     parser.add_argument("--reference_jobs", type=int, default=1,
                         help="processes for the scikit-learn reference (classes in parallel)")
     parser.add_argument("--no_reference", action="store_true", help="skip scikit-learn")
-    parser.add_argument("--bf16_cg", action="store_true",
-                        help="also time ours with bfloat16 Hessian-vector products inside CG")
+    parser.add_argument("--float32_cg", action="store_true",
+                        help="also time ours with float32 Hessian-vector products inside CG "
+                             "(the default uses bfloat16 where the hardware has it)")
     args = parser.parse_args()
     if args.quick:
         args.n_train, args.n_test, args.dim = 1500, 1500, 512
@@ -145,9 +146,10 @@ def main() -> None:
     tensors = [torch.as_tensor(a).to(device) for a in (train_x, train_y, test_x, test_y)]
     small = [t[:200] for t in tensors[:2]] + [t[:100] for t in tensors[2:]]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    variants = [("virtex batched Newton (ours)", {})]
-    if args.bf16_cg:
-        variants.append(("ours, bf16 products inside CG", {"cg_dtype": torch.bfloat16}))
+    auto = "bfloat16" if fast_bf16(device) else "float32"
+    variants = [(f"virtex batched Newton (ours, default: CG products in {auto})", {})]
+    if args.float32_cg:
+        variants.append(("ours, float32 products inside CG", {"cg_dtype": torch.float32}))
     rows, results = [], []  # rows: (method, device, seconds, mAP)
     for label, options in variants:
         voc07_svm_map(*small, **options)  # warm-up

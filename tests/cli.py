@@ -34,3 +34,30 @@ def make_distribution(site: Path, dist: str, modules: dict[str, str], entry_poin
     lines = "".join(f"{k} = {v}\n" for k, v in entry_points.items())
     (info / "entry_points.txt").write_text(f"[virtex]\n{lines}")
     return site
+
+
+def tiny_pretrain(directory: Path, coco: Path, batch_size: int = 8, **trainer: object
+                  ) -> tuple[Path, list[str]]:
+    """A tiny bicaptioning spec (ResNet-18, L1_H64 head, 32 px, vocabulary 300) written to
+    ``directory/tiny_pretrain.gin``, and the ``--gin_param`` arguments pointing it at a shapes
+    COCO tree. ``trainer`` sets ``trainer.<name>`` bindings (data loading in-process and no
+    permanent checkpoints unless given)."""
+    bindings = {"keep_every": None, "num_workers": 0, **trainer}
+    lines = [
+        "include 'pretrain/_base.gin'",
+        "include 'models/bicaptioning.gin'",
+        "visual = @backbones.resnet18()",
+        "textual_size = 'L1_H64_A2_F128'",
+        "image_size = 32",
+        f"batch_size = {batch_size}",
+        "data_root = %gin.REQUIRED",
+        "captions = %gin.REQUIRED",
+        "tokenizer.model = None",
+        "tokenizer.captions = %captions",
+        "tokenizer.vocab_size = 300",
+        *(f"trainer.{name} = {value!r}" for name, value in bindings.items()),
+    ]
+    spec = Path(directory) / "tiny_pretrain.gin"
+    spec.write_text("\n".join(lines) + "\n")
+    captions = Path(coco) / "annotations" / "captions_train2017.json"
+    return spec, ["--gin_param", f"data_root={coco}", "--gin_param", f"captions={captions}"]

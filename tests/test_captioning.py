@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli import REPO
+from cli import REPO, tiny_pretrain
 
 from virtex.data.readers import read_coco_captions
 from virtex.data.transforms import eval_transform, load_image
@@ -24,22 +24,6 @@ from virtex.models.visual import ResNetBackbone
 from virtex.run import main
 
 SPEC = str(REPO / "specs" / "downstream" / "coco_captioning.gin")
-PRETRAIN = """
-include 'pretrain/_base.gin'
-include 'models/bicaptioning.gin'
-visual = @backbones.resnet18()
-textual_size = 'L1_H64_A2_F128'
-image_size = 32
-batch_size = 8
-tokenizer.model = None
-tokenizer.vocab_size = 300
-trainer.max_steps = 4
-trainer.warmup_steps = 1
-trainer.checkpoint_every = 2
-trainer.keep_every = None
-trainer.log_every = 1
-trainer.num_workers = 0
-"""
 SPICE_WARNING = re.compile(r"virtex: warning: SPICE skipped: .*stanford-corenlp-3\.6\.0\.jar.*")
 CAPTIONS = {
     1: "a red circle above a blue square",
@@ -55,15 +39,13 @@ def tiny(tmp_path_factory, shapes_root):
     tmp = tmp_path_factory.mktemp("captioning")
     coco = shapes_root / "coco"
     captions = coco / "annotations" / "captions_train2017.json"
-    spec = tmp / "tiny_pretrain.gin"
-    spec.write_text(PRETRAIN)
+    spec, params = tiny_pretrain(tmp, coco, max_steps=4, warmup_steps=1, checkpoint_every=2,
+                                 log_every=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VIRTEX_CACHE", str(tmp / "cache"))
-        assert main([str(spec), "--run_dir", str(tmp / "pretrain"),
-                     "--gin_param", f"data_root={coco}",
-                     "--gin_param", f"tokenizer.captions={captions}"]) == 0
+        assert main([str(spec), "--run_dir", str(tmp / "pretrain"), *params]) == 0
     yield {"coco": coco, "captions": captions, "cache": tmp / "cache",
            "checkpoints": tmp / "pretrain" / "checkpoints"}
     torch.set_num_threads(threads)

@@ -22,14 +22,7 @@ from virtex.data.readers import (
 )
 from virtex.data.tokenizer import SentencePieceTokenizer, build_vocab
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """As in a DataLoader worker: one intra-op thread (avoids stalls on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

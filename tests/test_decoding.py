@@ -8,17 +8,10 @@ from virtex.models.objectives import BicaptioningModel, CaptioningModel
 from virtex.models.textual import TransformerTextualHead
 from virtex.models.visual import ResNetBackbone
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB, PAD, SOS, EOS = 20, 0, 2, 3
 FEATURES = 32  # visual channels fed straight to the head
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest single-threaded (and do not fight other processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_head(seed: int, dtype=torch.float64, norm_first: bool = False, max_len: int = 20):
@@ -213,3 +206,12 @@ def test_model_generate_api():
             assert all(isinstance(t, int) for c in captions for t in c)
         with pytest.raises(ValueError, match="unknown decoding method"):
             model.generate(images, method="sample")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_cached_equals_naive_on_cuda_and_matches_the_cpu(method):
+    head, feats = random_head(0), features(8, 0)
+    on_cpu = decoding.generate(head, feats, method, max_length=20)
+    cached, naive = both_paths(head.cuda(), feats.cuda(), method, max_length=20)
+    assert cached == naive == on_cpu

@@ -12,40 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli import REPO, run_cli
+from cli import REPO, run_cli, tiny_pretrain
 
 from virtex.checkpoint import list_checkpoints
 from virtex.run import main
 
-TINY = """
-include 'pretrain/_base.gin'
-include 'models/bicaptioning.gin'
-visual = @backbones.resnet18()
-textual_size = 'L1_H64_A2_F128'
-image_size = 32
-batch_size = 8
-data_root = %gin.REQUIRED
-tokenizer.model = None
-tokenizer.captions = %captions
-captions = %gin.REQUIRED
-tokenizer.vocab_size = 300
-trainer.max_steps = 12
-trainer.warmup_steps = 2
-trainer.checkpoint_every = 4
-trainer.keep_every = None
-trainer.log_every = 1
-trainer.num_workers = 0
-"""
-
 
 @pytest.fixture(scope="module")
 def tiny_spec(tmp_path_factory, shapes_root):
-    d = tmp_path_factory.mktemp("spec")
-    spec = d / "tiny_pretrain.gin"
-    spec.write_text(TINY)
-    coco = shapes_root / "coco"
-    params = [f"data_root={coco}", f"captions={coco}/annotations/captions_train2017.json"]
-    return spec, [a for p in params for a in ("--gin_param", p)]
+    return tiny_pretrain(tmp_path_factory.mktemp("spec"), shapes_root / "coco", max_steps=12,
+                         warmup_steps=2, checkpoint_every=4, log_every=1)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

@@ -20,16 +20,9 @@ from virtex.models.objectives import BicaptioningModel
 from virtex.models.textual import TransformerTextualHead
 from virtex.models.visual import ResNetBackbone
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB, HIDDEN, HEADS, FF, LAYERS, MAX_LEN = 30, 64, 4, 96, 2, 12
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest single-threaded (and do not fight other processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # A re-creation of the published model's module tree: its state dict has the published

@@ -18,20 +18,9 @@ from virtex.data.transforms import eval_transform
 from virtex.models.visual import ResNetBackbone
 from virtex.run import main
 
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
+
 SPEC = "downstream/imagenet_linear"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VIRTEX_CACHE", str(tmp_path / "cache"))
 
 
 def _args(root, run_dir, *params: str) -> list[str]:

@@ -14,17 +14,10 @@ from virtex.models.objectives import (
 from virtex.models.textual import TransformerTextualHead, parse_textual_size
 from virtex.models.visual import ResNetBackbone
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 40
 PAD, UNK, SOS, EOS, MASK = 0, 1, 2, 3, 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest single-threaded (and do not fight other processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_batch(n: int = 3, t: int = 8, size: int = 32, seed: int = 0) -> dict:

@@ -10,6 +10,7 @@ import torch
 
 from virtex.evaluation.svm import (
     average_precision,
+    fast_bf16,
     fit_linear_svms,
     l2_normalize,
     stratified_kfold,
@@ -179,12 +180,27 @@ def test_protocol_matches_sklearn(ours, reference):
 
 
 @pytest.mark.parametrize("options", [{"compute_dtype": torch.float64},
-                                     {"cg_dtype": torch.bfloat16}], ids=["float64", "bf16-cg"])
+                                     {"cg_dtype": torch.float32},
+                                     {"cg_dtype": torch.bfloat16}],
+                         ids=["float64", "float32-cg", "bf16-cg"])
 def test_solver_precision_options_agree(problem, ours, options):
-    """float64 products throughout, or bf16 ones inside CG only: the same optimum, up to tol."""
+    """float64 products throughout, float32 or bf16 ones inside CG (the default, "auto", picks
+    one of them by hardware): the same optimum, up to tol."""
     result = voc07_svm_map(*(torch.as_tensor(a) for a in problem), **options)
     assert result["best_cost"] == ours["best_cost"]
     assert np.abs(np.array(result["ap"]) - np.array(ours["ap"])).max() <= 0.05
+
+
+def test_cg_dtype_auto_follows_the_hardware_and_rejects_other_strings(problem):
+    train_x, train_y, _, _ = problem
+    x = l2_normalize(torch.as_tensor(train_x[:100]))
+    y = torch.as_tensor(np.where(train_y[:100, :2] == 1, 1, -1))
+    auto = fit_linear_svms(x, y, [1.0])
+    expected = torch.bfloat16 if fast_bf16(x.device) else None
+    explicit = fit_linear_svms(x, y, [1.0], cg_dtype=expected)
+    assert all(torch.equal(a, b) for a, b in zip(auto, explicit))
+    with pytest.raises(ValueError, match="cg_dtype must be a torch dtype"):
+        fit_linear_svms(x, y, [1.0], cg_dtype="bf16")
 
 
 def test_protocol_on_a_tiny_split_without_positives():

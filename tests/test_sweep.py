@@ -6,40 +6,13 @@ import csv
 import json
 
 import pytest
-import torch
+from cli import tiny_pretrain
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from virtex.evaluation import features
 from virtex.run import main
 
-TINY_PRETRAIN = """
-include 'pretrain/_base.gin'
-include 'models/bicaptioning.gin'
-visual = @backbones.resnet18()
-textual_size = 'L1_H64_A2_F128'
-image_size = 32
-batch_size = 4
-data_root = %gin.REQUIRED
-tokenizer.model = None
-tokenizer.captions = %captions
-captions = %gin.REQUIRED
-tokenizer.vocab_size = 300
-trainer.max_steps = 6
-trainer.warmup_steps = 1
-trainer.checkpoint_every = 2
-trainer.keep_last = 10
-trainer.keep_every = None
-trainer.num_workers = 0
-trainer.cpu_threads = 1
-"""
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(path) -> list[dict[str, str]]:
@@ -51,12 +24,9 @@ def _rows(path) -> list[dict[str, str]]:
 def test_sweep_evaluates_each_checkpoint_once_and_writes_the_curve(shapes_root, tmp_path,
                                                                    monkeypatch):
     monkeypatch.setenv("VIRTEX_CACHE", str(tmp_path / "cache"))
-    spec = tmp_path / "tiny.gin"
-    spec.write_text(TINY_PRETRAIN)
-    coco = shapes_root / "coco"
-    pretrain = [str(spec), "--run_dir", str(tmp_path / "pretrain"),
-                "--gin_param", f"data_root={coco}",
-                "--gin_param", f"captions={coco}/annotations/captions_train2017.json"]
+    spec, params = tiny_pretrain(tmp_path, shapes_root / "coco", batch_size=4, max_steps=6,
+                                 warmup_steps=1, checkpoint_every=2, keep_last=10, cpu_threads=1)
+    pretrain = [str(spec), "--run_dir", str(tmp_path / "pretrain"), *params]
     assert main(pretrain) == 0
     ckpts = tmp_path / "pretrain" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [

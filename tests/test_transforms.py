@@ -13,15 +13,7 @@ from PIL import Image
 from virtex.data import transforms as V
 from virtex.data.readers import DataFormatError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Data transforms run in single-threaded DataLoader workers; on a busy machine,
-    intra-op threads on small images only add scheduling stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +97,6 @@ def test_draft_decode_is_smaller_and_faithful(big_jpeg: Path) -> None:
     # Same picture: compare with a full decode shrunk to the same size.
     ref = full.resize(small.size, Image.Resampling.BOX)
     assert np.abs(_pixels(small) - _pixels(ref)).mean() < 4
-
 
 
 def test_lazy_crop_uses_reduced_decode_faithfully(big_jpeg: Path) -> None:

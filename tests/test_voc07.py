@@ -17,21 +17,9 @@ from virtex.evaluation import features
 from virtex.models.visual import ResNetBackbone
 from virtex.run import main
 
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
+
 SPEC = "downstream/voc07_svm"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VIRTEX_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def _counted(backbone: torch.nn.Module) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from cli import run_cli
+from cli import run_cli, tiny_pretrain
 from torch import nn
 
 from virtex.errors import UserError
@@ -14,32 +14,7 @@ from virtex.models.visual import RESNETS, ResNetBackbone
 from virtex.run import main
 from virtex.weights import detect_kind, guess_resnet, load_backbone_weights
 
-TINY_PRETRAIN = """
-include 'pretrain/_base.gin'
-include 'models/bicaptioning.gin'
-visual = @backbones.resnet18()
-textual_size = 'L1_H64_A2_F128'
-image_size = 32
-batch_size = 4
-data_root = %gin.REQUIRED
-tokenizer.model = None
-tokenizer.captions = %captions
-captions = %gin.REQUIRED
-tokenizer.vocab_size = 300
-trainer.max_steps = 2
-trainer.warmup_steps = 1
-trainer.checkpoint_every = 2
-trainer.keep_every = None
-trainer.num_workers = 0
-"""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -74,14 +49,12 @@ def files(tmp_path_factory):
 def pretrained(tmp_path_factory, shapes_root):
     """Our checkpoint, from a real (tiny) pretraining run."""
     d = tmp_path_factory.mktemp("pretrain")
-    spec = d / "tiny.gin"
-    spec.write_text(TINY_PRETRAIN)
-    coco = shapes_root / "coco"
+    spec, params = tiny_pretrain(d, shapes_root / "coco", batch_size=4, max_steps=2,
+                                 warmup_steps=1, checkpoint_every=2)
     mp = pytest.MonkeyPatch()
     mp.setenv("VIRTEX_CACHE", str(d / "cache"))
     try:
-        assert main([str(spec), "--run_dir", str(d / "run"), "--gin_param", f"data_root={coco}",
-                     "--gin_param", f"captions={coco}/annotations/captions_train2017.json"]) == 0
+        assert main([str(spec), "--run_dir", str(d / "run"), *params]) == 0
     finally:
         mp.undo()
     return d / "run" / "checkpoints" / "step_0000002.pt"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from virtex.data.readers import DataFormatError, _check_files, _field, _load_json
+from virtex.data.readers import DataFormatError, _annotations, _check_files, _field, _load_json
 from virtex.data.readers import _categories as read_categories
 
 _LVIS_LAYOUT = ("<root>/lvis_v1_<split>.json, images found from each image's coco_url as "
@@ -84,20 +84,14 @@ def _instances_json(path: Path, data: Any, files: dict[int, Path],
     ids, names = _categories(data, path)
     index = {cid: k for k, cid in enumerate(ids)}
     per_image: dict[int, list[tuple[list[float], int, list | None, bool]]] = {i: [] for i in files}
-    for i, a in enumerate(_field(data, "annotations", list, str(path))):
-        where = f"{path}: annotations[{i}]"
-        image_id = _field(a, "image_id", int, where)
-        cid = _field(a, "category_id", int, where)
+    anns = _field(data, "annotations", list, str(path))
+    for where, a, image_id, k in _annotations(anns, path, files, index):
         bbox = _field(a, "bbox", list, where)
-        if image_id not in files:
-            raise DataFormatError(f"{where}: image_id {image_id} is not in 'images'")
-        if cid not in index:
-            raise DataFormatError(f"{where}: category_id {cid} is not in 'categories'")
         if len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
             raise DataFormatError(f"{where}: 'bbox' = {bbox!r}, expected [x, y, width, height]")
         x, y, w, h = (float(v) for v in bbox)
         crowd = bool(a.get("iscrowd", 0))
-        per_image[image_id].append(([x, y, x + w, y + h], index[cid], _polygons(a, where), crowd))
+        per_image[image_id].append(([x, y, x + w, y + h], k, _polygons(a, where), crowd))
     records = []
     for image_id in sorted(files):
         objs = per_image[image_id]

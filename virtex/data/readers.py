@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,21 @@ def _categories(cats: list, path: Path) -> tuple[dict[int, int], list[str]]:
     return index, [names[cid] for cid in sorted(names)]
 
 
+def _annotations(anns: list, path: Path, images: Container[int], index: dict[int, int],
+                 categories: str = "'categories'") -> Iterator[tuple[str, dict, int, int]]:
+    """``(where, annotation, image_id, class index)`` for each COCO-style annotation, its
+    ``image_id`` checked against ``images`` and its ``category_id`` against ``index``."""
+    for i, a in enumerate(anns):
+        where = f"{path}: annotations[{i}]"
+        image_id = _field(a, "image_id", int, where)
+        cid = _field(a, "category_id", int, where)
+        if image_id not in images:
+            raise DataFormatError(f"{where}: image_id {image_id} is not in 'images'")
+        if cid not in index:
+            raise DataFormatError(f"{where}: category_id {cid} is not in {categories}")
+        yield where, a, image_id, index[cid]
+
+
 # ----------------------------------------------------------------------------- COCO
 def read_caption_strings(path: str | Path) -> list[str]:
     """All caption strings of a COCO captions JSON (``annotations[*].caption``), in file order."""
@@ -161,15 +176,9 @@ def read_coco_labels(root: str | Path, split: str = "train2017"
     index, names = _categories(_list_field(data, "categories", path), path)
     images = _image_table(_list_field(data, "images", path), path)
     labels = {i: np.zeros(len(names), dtype=np.float32) for i in sorted(images)}
-    for i, a in enumerate(_list_field(data, "annotations", path)):
-        where = f"{path}: annotations[{i}]"
-        image_id = _field(a, "image_id", int, where)
-        cid = _field(a, "category_id", int, where)
-        if image_id not in labels:
-            raise DataFormatError(f"{where}: image_id {image_id} is not in 'images'")
-        if cid not in index:
-            raise DataFormatError(f"{where}: category_id {cid} is not in 'categories'")
-        labels[image_id][index[cid]] = 1.0
+    for _, _, image_id, k in _annotations(_list_field(data, "annotations", path), path, labels,
+                                          index):
+        labels[image_id][k] = 1.0
     return labels, names
 
 
@@ -288,17 +297,11 @@ def read_inat(root: str | Path, split: str = "train2018"
     index, names = _categories(cats, path_for_cats)
     files = _image_table(_list_field(data, "images", path), path)
     target: dict[int, int] = {}
-    for i, a in enumerate(_list_field(data, "annotations", path)):
-        where = f"{path}: annotations[{i}]"
-        image_id = _field(a, "image_id", int, where)
-        cid = _field(a, "category_id", int, where)
-        if image_id not in files:
-            raise DataFormatError(f"{where}: image_id {image_id} is not in 'images'")
-        if cid not in index:
-            raise DataFormatError(f"{where}: category_id {cid} is not in the categories")
+    anns = _list_field(data, "annotations", path)
+    for where, _, image_id, k in _annotations(anns, path, files, index, "the categories"):
         if image_id in target:
             raise DataFormatError(f"{where}: image {image_id} has a second annotation")
-        target[image_id] = index[cid]
+        target[image_id] = k
     unlabelled = sorted(set(files) - set(target))
     if unlabelled:
         raise DataFormatError(f"{path}: image {unlabelled[0]} ({files[unlabelled[0]]}) has no "

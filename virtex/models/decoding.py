@@ -20,6 +20,10 @@ import torch
 from virtex.models.textual import KVCache, TransformerTextualHead
 
 METHODS = ("greedy", "beam", "nucleus")
+# Asking whether every caption has finished makes the host wait for the device; asking every
+# few steps lets a GPU queue steps ahead. Finished captions only append [PAD], so the extra
+# steps change nothing.
+STOP_CHECK_EVERY = 4
 
 
 class _Stepper:
@@ -49,10 +53,16 @@ class _Stepper:
         return self.head.step(tokens, None, self.cache)
 
 
-def _forbid(logits: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
-    logits = logits.clone()
-    logits[:, list(ids)] = float("-inf")
-    return logits
+def _forbid_bias(head: TransformerTextualHead, ids: tuple[int, ...], like: torch.Tensor
+                 ) -> torch.Tensor:
+    """(V,) zeros with -inf at ``ids``: added to logits, it rules those tokens out."""
+    bias = torch.zeros(head.vocab_size, dtype=like.dtype, device=like.device)
+    bias[list(ids)] = float("-inf")
+    return bias
+
+
+def _should_stop(step: int, finished: torch.Tensor) -> bool:
+    return step % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 and bool(finished.all())
 
 
 def _strip(tokens: torch.Tensor, eos_idx: int, pad_idx: int) -> list[list[int]]:
@@ -119,8 +129,12 @@ def _sample_loop(
     n = visual_features.size(0)
     tokens = torch.full((n, 1), sos_idx, dtype=torch.long, device=visual_features.device)
     finished = torch.zeros(n, dtype=torch.bool, device=tokens.device)
-    for _ in range(_max_steps(head, max_length)):
-        logits = _forbid(stepper(tokens), (pad_idx, sos_idx))
+    forbid = None
+    for step in range(_max_steps(head, max_length)):
+        logits = stepper(tokens)
+        if forbid is None:
+            forbid = _forbid_bias(head, (pad_idx, sos_idx), logits)
+        logits = logits + forbid
         if nucleus is None:
             next_tokens = logits.argmax(dim=-1)
         else:
@@ -128,7 +142,7 @@ def _sample_loop(
         next_tokens = next_tokens.masked_fill(finished, pad_idx)
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
         finished |= next_tokens == eos_idx
-        if finished.all():
+        if _should_stop(step, finished):
             break
     return _strip(tokens, eos_idx, pad_idx)
 
@@ -176,17 +190,21 @@ def beam_search(
     scores = torch.full((n, b), float("-inf"), device=device)
     scores[:, 0] = 0.0
     base = torch.arange(n, device=device)[:, None] * b
+    forbid = frozen = None
 
-    for _ in range(_max_steps(head, max_length)):
-        logprobs = _forbid(stepper(tokens), (pad_idx, sos_idx)).log_softmax(dim=-1)
+    for step in range(_max_steps(head, max_length)):
+        logits = stepper(tokens)
+        if forbid is None:
+            forbid = _forbid_bias(head, (pad_idx, sos_idx), logits)
+            # A finished beam's only continuation: [PAD] at log-probability 0.
+            frozen = torch.full_like(forbid, float("-inf"))
+            frozen[pad_idx] = 0.0
+            scores = scores.to(logits.dtype)
+        logprobs = (logits + forbid).log_softmax(dim=-1)
         vocab = logprobs.size(-1)
-        logprobs = logprobs.view(n, b, vocab)
-        # Finished beams: frozen score, single continuation [PAD].
-        frozen = torch.full_like(logprobs[0, 0], float("-inf"))
-        frozen[pad_idx] = 0.0
-        logprobs = torch.where(finished[..., None], frozen, logprobs)
+        logprobs = torch.where(finished[..., None], frozen, logprobs.view(n, b, vocab))
 
-        candidates = (scores.to(logprobs.dtype)[..., None] + logprobs).view(n, b * vocab)
+        candidates = (scores[..., None] + logprobs).view(n, b * vocab)
         scores, flat_ids = candidates.topk(b, dim=1)
         beam_ids, next_tokens = flat_ids // vocab, flat_ids % vocab
 
@@ -194,7 +212,7 @@ def beam_search(
         tokens = torch.cat([tokens.index_select(0, reorder), next_tokens.view(-1, 1)], dim=1)
         finished = finished.gather(1, beam_ids) | (next_tokens == eos_idx)
         stepper.reorder(reorder)
-        if finished[:, 0].all():
+        if _should_stop(step, finished[:, 0]):
             break
     best = tokens.view(n, b, -1)[:, 0]  # topk sorts, so beam 0 scores highest
     return _strip(best, eos_idx, pad_idx)

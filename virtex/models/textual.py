@@ -9,7 +9,6 @@ incremental decoding with a key/value cache is straightforward.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -70,8 +69,7 @@ class WordAndPositionEmbedding(nn.Module):
             raise ValueError(
                 f"caption positions up to {end} exceed max_caption_length {self.max_caption_length}"
             )
-        positions = torch.arange(start, end, device=tokens.device)
-        x = self.layer_norm(self.words(tokens) + self.positions(positions))
+        x = self.layer_norm(self.words(tokens) + self.positions.weight[start:end])
         x = self.dropout(x)
         return x * (tokens != self.padding_idx).unsqueeze(-1).to(x.dtype)
 
@@ -79,17 +77,19 @@ class WordAndPositionEmbedding(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v/out projections.
 
-    Keys/values are projected by :meth:`project_kv` so callers can cache them.
+    Keys/values are projected by :meth:`project_kv` so callers can cache them; the attention
+    itself is :func:`torch.nn.functional.scaled_dot_product_attention` (one fused kernel where
+    the device has one).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
+        self.dropout = dropout  # on the attention weights, while training
         self.q_proj = nn.Linear(hidden_size, hidden_size)
         self.k_proj = nn.Linear(hidden_size, hidden_size)
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         n, t, h = x.shape
@@ -108,12 +108,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Queries from ``x`` (N, T, H) attend to ``k``/``v``; ``mask`` True = may attend."""
         q = self._split(self.q_proj(x))
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        weights = self.dropout(scores.softmax(dim=-1))
-        out = (weights @ v).transpose(1, 2).flatten(2)
-        return self.out_proj(out)
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
 class DecoderLayer(nn.Module):
