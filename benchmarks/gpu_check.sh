@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check this project still owes, in one run (about 4 minutes on one H100/H200):
+# Every GPU check this project still owes, in one run (each step has a time limit):
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 # Runs the CUDA tests, then the decode, SVM and training-step benchmarks on the GPU, each
 # with its reference in the same process. Each step's output goes to OUT_DIR/<step>.txt
