@@ -359,10 +359,10 @@ class SlurmLauncher:
         self.sweeps: list[tuple[str, list[str]]] = []
         self.finished = False  # read by virtex.run: print the summary only after --wait
 
-    def parse_options(self, argv: list[str]) -> None:
-        """The launcher's own command-line flags (those ``virtex.run`` does not know)."""
+    def parse_options(self, argv: list[str]) -> list[str]:
+        """Takes the launcher's own flags from anywhere in the command line; returns the rest."""
         p = argparse.ArgumentParser(prog="python -m virtex.run SPEC --launcher slurm",
-                                    add_help=False, exit_on_error=False)
+                                    add_help=False, exit_on_error=False, allow_abbrev=False)
         for name in FLAGS:
             p.add_argument(f"--slurm_{name}")
         p.add_argument("--print_sbatch", action="store_true")
@@ -372,14 +372,18 @@ class SlurmLauncher:
             args, rest = p.parse_known_args(argv)
         except argparse.ArgumentError as exc:
             raise UserError(str(exc)) from None
-        if rest:
-            raise UserError(f"unrecognized arguments: {' '.join(rest)} (the slurm launcher takes "
-                            f"{', '.join('--slurm_' + f for f in FLAGS)}, --sweep, --print_sbatch, --wait)")
+        unknown = [a for a in rest if a.startswith("--slurm_")]
+        if unknown:
+            at = rest.index(unknown[0])
+            raise UserError(f"unrecognized arguments: {' '.join(rest[at:at + 2])} (the slurm launcher "
+                            f"takes {', '.join('--slurm_' + f for f in FLAGS)}, --sweep, "
+                            "--print_sbatch, --wait)")
         self.flags = {k: getattr(args, f"slurm_{k}") for k in FLAGS if getattr(args, f"slurm_{k}")}
         if "time" in self.flags:
             parse_time(self.flags["time"])
         self.print_sbatch, self.wait = args.print_sbatch, args.wait
         self.sweeps = [parse_sweep(s) for s in args.sweep]
+        return rest
 
     def parameters(self, job: Job, settings: dict[str, Any]) -> dict[str, Any]:
         """submitit's ``update_parameters`` for ``job``."""

@@ -87,6 +87,12 @@ def test_unknown_launcher(tmp_path):
                     "unknown launchers 'lokal'", "Did you mean: local")
 
 
+def test_unknown_flag_of_the_local_launcher(tmp_path):
+    spec = _spec(tmp_path, BASE)
+    _one_line_error(run_cli(str(spec), "--slurm_partition", "gpu", cwd=tmp_path),
+                    "unrecognized arguments: --slurm_partition gpu")
+
+
 def test_print_config_runs_nothing(tmp_path):
     spec = _spec(tmp_path, BASE)
     res = run_cli(str(spec), "--gin_param", "ckpt=runs/a.pt", "--print_config", cwd=tmp_path)

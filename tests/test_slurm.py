@@ -147,11 +147,12 @@ def test_print_sbatch_shows_the_script_and_submits_nothing(tiny, tmp_path, monke
     assert "srun" in script and "submitit.core._submit" in script and "#SBATCH --array" not in script
     assert not run_dir.exists()  # nothing submitted, nothing written
 
-    assert main([str(spec), *params, "--launcher", "slurm", "--run_dir", str(run_dir),
-                 "--sweep", "trainer.lr=0.1,0.2", "--print_sbatch"]) == 0
+    # launcher flags before the spec: a flag's value is never taken for the spec
+    assert main(["--slurm_time", "90", "--launcher", "slurm", "--sweep", "trainer.lr=0.1,0.2",
+                 str(spec), *params, "--run_dir", str(run_dir), "--print_sbatch"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "#SBATCH --array=0-1%2" in lines and "#SBATCH --partition=lab" in lines
-    assert "#SBATCH --time=120" in lines and not any("gpus" in x for x in lines)  # CPU: one task
+    assert "#SBATCH --time=90" in lines and not any("gpus" in x for x in lines)  # CPU: one task
     assert f"# array task 1: trainer.lr=0.2 -> {run_dir}/trainer.lr=0.2" in lines
     assert not run_dir.exists()
 

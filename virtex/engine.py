@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from virtex import checkpoint, dist
 from virtex.context import Context
+from virtex.data.loader import data_loader
 
 
 class Preempted(Exception):
@@ -281,7 +282,7 @@ class Trainer:
         sampler = StepBatchSampler(len(self.dataset), self.batch_size, ctx.rank, ctx.world_size,
                                    ctx.seed, start_step, self.max_steps)
         workers = self.num_workers
-        return DataLoader(
+        return data_loader(
             SampleSeeded(self.dataset),
             batch_sampler=sampler,
             num_workers=workers,

@@ -50,11 +50,25 @@ def list_components() -> str:
     return "\n".join(lines)
 
 
+def _launcher_name(argv: list[str]) -> str:
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--launcher", default="local")
+    return p.parse_known_args(argv)[0].launcher
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, extra = _parser().parse_known_args(argv)
     try:
         registry = get_registry()
+        # The launcher takes its own flags first (wherever they are), so that a flag's value
+        # is never mistaken for the spec; a launcher without flags has no parse_options.
+        launcher = None
+        if "--list" not in argv:
+            launcher = registry.get("launchers", _launcher_name(argv))()
+        options = getattr(launcher, "parse_options", None)
+        args, extra = _parser().parse_known_args(options(argv) if options else argv)
+        if extra:
+            raise UserError(f"unrecognized arguments: {' '.join(extra)}")
         if args.list:
             print(list_components())
             return 0
@@ -62,13 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("no spec given: python -m virtex.run SPEC (or --list)")
         from virtex.runner import prepare
 
-        launcher_factory = registry.get("launchers", args.launcher)
-        launcher = launcher_factory()
-        if extra:
-            options = getattr(launcher, "parse_options", None)
-            if options is None:
-                raise UserError(f"unrecognized arguments: {' '.join(extra)}")
-            options(extra)
         job = prepare(args.spec, args.gin_param, args.run_dir, args.gpus, args.nodes, args.seed, argv)
         if args.print_config:
             print(gin.config_str(), end="")

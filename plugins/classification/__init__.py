@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from virtex import dist, hookimpl
 from virtex.context import Context
 from virtex.data import transforms as T
 from virtex.data.datasets import ImageClassificationDataset
+from virtex.data.loader import data_loader
 from virtex.data.readers import read_image_folder, read_inat
 from virtex.errors import UserError
 from virtex.evaluation.features import weights_hash
@@ -88,7 +89,7 @@ def class_counts(model: nn.Module, dataset: ImageClassificationDataset, num_clas
     """``(3, K)`` counts per class: top-1 hits, top-5 hits, images; each rank scores its
     share of ``dataset`` and the counts are summed over ranks."""
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
+    loader = data_loader(shard, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=ctx.device.type == "cuda")
     counts = torch.zeros(3, num_classes, dtype=torch.float64, device=ctx.device)
     was_training = model.training

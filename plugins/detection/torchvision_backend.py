@@ -27,6 +27,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from virtex import dist
 from virtex.context import Context
+from virtex.data.loader import data_loader
 from virtex.engine import SampleSeeded, StepBatchSampler, Trainer
 from virtex.models.visual import RESNETS
 
@@ -179,7 +180,7 @@ class DetectionTrainer(Trainer):
             return super()._loader(ctx, start_step)
         sampler = RepeatFactorSampler(factors, self.batch_size, ctx.rank, ctx.world_size,
                                       ctx.seed, start_step, self.max_steps)
-        return DataLoader(SampleSeeded(self.dataset), batch_sampler=sampler,
+        return data_loader(SampleSeeded(self.dataset), batch_sampler=sampler,
                           num_workers=self.num_workers, collate_fn=self.dataset.collate_fn,
                           pin_memory=ctx.device.type == "cuda")
 
@@ -194,7 +195,7 @@ def precise_bn(task: DetectorTask, dataset: DetectionDataset, s: Settings, ctx: 
         return
     sampler = StepBatchSampler(len(dataset), s.batch_size, ctx.rank, ctx.world_size,
                                ctx.seed + 1, 0, s.precise_bn_iters)
-    loader = DataLoader(SampleSeeded(dataset), batch_sampler=sampler,
+    loader = data_loader(SampleSeeded(dataset), batch_sampler=sampler,
                         num_workers=s.num_workers, collate_fn=dataset.collate_fn)
     momenta = [m.momentum for m in bns]
     for m in bns:
@@ -235,7 +236,7 @@ def predict(detector: nn.Module, data: DetectionData, s: Settings, ctx: Context)
     train_sizes = transform.min_size
     transform.min_size = (s.min_size_test,)
     indices = list(range(ctx.rank, len(data.records), ctx.world_size))
-    loader = DataLoader(_TestImages(data, indices), batch_size=None, num_workers=s.num_workers)
+    loader = data_loader(_TestImages(data, indices), batch_size=None, num_workers=s.num_workers)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.amp or "")
     mine = []
     try:

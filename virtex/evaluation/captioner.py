@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from virtex import dist
+from virtex.data.loader import data_loader
 from virtex.data.readers import IMAGE_EXTENSIONS
 from virtex.data.transforms import eval_transform, load_image
 from virtex.evaluation.beams import beam_search_all
@@ -106,7 +107,7 @@ def caption_files(model: nn.Module, paths: Sequence[Path], device: torch.device,
                   log: Callable[[str], None] = print, progress: bool = True,
                   desc: str = "captioning") -> tuple[list[Caption], list[tuple[int, str]]]:
     """Caption ``paths``; returns (captions, [(index, reason) of unreadable images])."""
-    loader = DataLoader(_ImageFiles(paths, resize, image_size, thumbnail), batch_size=batch_size,
+    loader = data_loader(_ImageFiles(paths, resize, image_size, thumbnail), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate)
     was_training = model.training
     model.eval()

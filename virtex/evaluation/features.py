@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from virtex.data.cache import cache_dir
+from virtex.data.loader import data_loader
 from virtex.data.transforms import Compose, load_image
 from virtex.io import atomic_write
 
@@ -44,7 +45,7 @@ def extract_features(backbone: nn.Module, paths: Sequence[Path], transform: Comp
     """Global-average-pooled features ``(N, C)`` of ``paths`` (backbone in eval mode)."""
     was_training = backbone.training
     backbone.eval()
-    loader = DataLoader(_Images(paths, transform, min_side), batch_size=batch_size,
+    loader = data_loader(_Images(paths, transform, min_side), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     out = []
     for images in loader:
