@@ -70,7 +70,11 @@ def virtex_evaluators() -> Factories:
 
 @hookspec
 def virtex_launchers() -> Factories:
-    """Launchers: factories of objects with ``launch(job) -> int`` (see ``virtex.runner.Job``)."""
+    """Launchers: factories of objects with ``launch(job) -> int`` (see ``virtex.runner.Job``).
+
+    A launcher with command-line flags of its own also has ``parse_options(argv) -> list``:
+    it takes its flags from anywhere in ``argv`` and returns the other arguments.
+    """
 
 
 @hookspec
