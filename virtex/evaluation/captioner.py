@@ -20,8 +20,8 @@ from virtex import dist
 from virtex.data.loader import data_loader
 from virtex.data.readers import IMAGE_EXTENSIONS
 from virtex.data.transforms import eval_transform, load_image
-from virtex.evaluation.beams import beam_search_all
 from virtex.evaluation.gallery import thumbnail_uri
+from virtex.models.decoding import beam_search_all
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Caption decoding for a :class:`TransformerTextualHead`: greedy, beam search, nucleus.
 
-Every method takes ``use_cache``: True decodes incrementally (self-attention K/V cache
+:func:`beam_search_all` also returns the other beams and their scores (for alternative
+captions). Greedy, beam and nucleus decoding take ``use_cache``: True decodes incrementally (self-attention K/V cache
 grows per step; cross-attention K/V computed once per image and expanded over beams),
 False re-runs the whole decoder over the whole prefix at every step. Both paths feed the
 same tokens and make the same choices, so given equal logits they give equal captions
@@ -27,12 +28,16 @@ STOP_CHECK_EVERY = 4
 
 
 class _Stepper:
-    """Next-token logits for a growing batch of prefixes, with or without a KV cache."""
+    """Next-token logits for a growing batch of prefixes, with or without a KV cache;
+    ``forbidden`` token ids get -inf (never generated)."""
 
-    def __init__(self, head: TransformerTextualHead, memory: torch.Tensor, use_cache: bool):
+    def __init__(self, head: TransformerTextualHead, memory: torch.Tensor, use_cache: bool,
+                 forbidden: tuple[int, ...]):
         self.head = head
         self.memory = memory
         self.cache: KVCache | None = head.init_cache(memory) if use_cache else None
+        self.forbidden = forbidden
+        self.bias: torch.Tensor | None = None  # made at the first step, in the logits' dtype
 
     def expand(self, repeats: int) -> None:
         """Repeat each image ``repeats`` times (image i -> rows i*repeats .. +repeats-1)."""
@@ -49,16 +54,13 @@ class _Stepper:
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
-            return self.head.step(tokens, self.memory)
-        return self.head.step(tokens, None, self.cache)
-
-
-def _forbid_bias(head: TransformerTextualHead, ids: tuple[int, ...], like: torch.Tensor
-                 ) -> torch.Tensor:
-    """(V,) zeros with -inf at ``ids``: added to logits, it rules those tokens out."""
-    bias = torch.zeros(head.vocab_size, dtype=like.dtype, device=like.device)
-    bias[list(ids)] = float("-inf")
-    return bias
+            logits = self.head.step(tokens, self.memory)
+        else:
+            logits = self.head.step(tokens, None, self.cache)
+        if self.bias is None:  # an added bias: no host-to-device index copy per step
+            self.bias = torch.zeros_like(logits[0])
+            self.bias[list(self.forbidden)] = float("-inf")
+        return logits + self.bias
 
 
 def _should_stop(step: int, finished: torch.Tensor) -> bool:
@@ -125,16 +127,12 @@ def _sample_loop(
 ) -> list[list[int]]:
     """Greedy (``nucleus=None``) or nucleus sampling with ``nucleus=(top_p, generator)``."""
     pad_idx = head.padding_idx
-    stepper = _Stepper(head, head.encode_visual(visual_features), use_cache)
+    stepper = _Stepper(head, head.encode_visual(visual_features), use_cache, (pad_idx, sos_idx))
     n = visual_features.size(0)
     tokens = torch.full((n, 1), sos_idx, dtype=torch.long, device=visual_features.device)
     finished = torch.zeros(n, dtype=torch.bool, device=tokens.device)
-    forbid = None
     for step in range(_max_steps(head, max_length)):
         logits = stepper(tokens)
-        if forbid is None:
-            forbid = _forbid_bias(head, (pad_idx, sos_idx), logits)
-        logits = logits + forbid
         if nucleus is None:
             next_tokens = logits.argmax(dim=-1)
         else:
@@ -176,12 +174,44 @@ def beam_search(
     continuation is [PAD] at log-prob 0) and competes with the live beams. Since
     scores only decrease, decoding stops once every image's best beam is finished.
     """
+    tokens, _ = _beams(head, visual_features, sos_idx, eos_idx, max_length, beam_size,
+                       use_cache, until_all_finished=False)
+    return _strip(tokens[:, 0], eos_idx, head.padding_idx)  # topk sorts: beam 0 is the best
+
+
+@torch.no_grad()
+def beam_search_all(
+    head: TransformerTextualHead,
+    visual_features: torch.Tensor,
+    sos_idx: int = 2,
+    eos_idx: int = 3,
+    max_length: int = 30,
+    beam_size: int = 5,
+) -> list[list[tuple[list[int], float]]]:
+    """Every beam of :func:`beam_search`, with its score: per image, ``beam_size`` (token
+    ids, log-probability) pairs, best first. Decoding goes on until every beam has finished
+    (or ``max_length``), so the other beams are whole captions too; the best one is
+    :func:`beam_search`'s caption."""
+    tokens, scores = _beams(head, visual_features, sos_idx, eos_idx, max_length, beam_size,
+                            use_cache=True, until_all_finished=True)
+    n, b = scores.shape
+    ids = _strip(tokens.view(n * b, -1), eos_idx, head.padding_idx)
+    return [[(ids[i * b + j], float(score)) for j, score in enumerate(row)]
+            for i, row in enumerate(scores.tolist())]
+
+
+def _beams(head: TransformerTextualHead, visual_features: torch.Tensor, sos_idx: int,
+           eos_idx: int, max_length: int, beam_size: int, use_cache: bool,
+           until_all_finished: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The beam search of :func:`beam_search`: tokens (N, B, 1 + steps) including [SOS] and
+    scores (N, B) of every image's beams, sorted best first. It stops once every image's
+    best beam (or, with ``until_all_finished``, every beam) is finished."""
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     pad_idx = head.padding_idx
     n, b = visual_features.size(0), beam_size
     device = visual_features.device
-    stepper = _Stepper(head, head.encode_visual(visual_features), use_cache)
+    stepper = _Stepper(head, head.encode_visual(visual_features), use_cache, (pad_idx, sos_idx))
     stepper.expand(b)
 
     tokens = torch.full((n * b, 1), sos_idx, dtype=torch.long, device=device)
@@ -190,18 +220,16 @@ def beam_search(
     scores = torch.full((n, b), float("-inf"), device=device)
     scores[:, 0] = 0.0
     base = torch.arange(n, device=device)[:, None] * b
-    forbid = frozen = None
+    frozen = None
 
     for step in range(_max_steps(head, max_length)):
-        logits = stepper(tokens)
-        if forbid is None:
-            forbid = _forbid_bias(head, (pad_idx, sos_idx), logits)
-            # A finished beam's only continuation: [PAD] at log-probability 0.
-            frozen = torch.full_like(forbid, float("-inf"))
-            frozen[pad_idx] = 0.0
-            scores = scores.to(logits.dtype)
-        logprobs = (logits + forbid).log_softmax(dim=-1)
+        logprobs = stepper(tokens).log_softmax(dim=-1)
         vocab = logprobs.size(-1)
+        if frozen is None:
+            # A finished beam's only continuation: [PAD] at log-probability 0.
+            frozen = torch.full_like(logprobs[0], float("-inf"))
+            frozen[pad_idx] = 0.0
+            scores = scores.to(logprobs.dtype)
         logprobs = torch.where(finished[..., None], frozen, logprobs.view(n, b, vocab))
 
         candidates = (scores[..., None] + logprobs).view(n, b * vocab)
@@ -212,10 +240,9 @@ def beam_search(
         tokens = torch.cat([tokens.index_select(0, reorder), next_tokens.view(-1, 1)], dim=1)
         finished = finished.gather(1, beam_ids) | (next_tokens == eos_idx)
         stepper.reorder(reorder)
-        if _should_stop(step, finished[:, 0]):
+        if _should_stop(step, finished if until_all_finished else finished[:, 0]):
             break
-    best = tokens.view(n, b, -1)[:, 0]  # topk sorts, so beam 0 scores highest
-    return _strip(best, eos_idx, pad_idx)
+    return tokens.view(n, b, -1), scores
 
 
 def generate(
