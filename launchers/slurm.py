@@ -261,9 +261,6 @@ def _port(job_id: str) -> int:
     return 20000 + (int(job_id) * 17 + restarts) % 20000
 
 
-_RUN_THREAD: threading.Thread | None = None
-
-
 class SlurmTask(submitit.helpers.Checkpointable):
     """One SLURM task of a run: ``run_job`` in a thread, checkpoint-and-requeue on the signal."""
 
@@ -294,8 +291,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
             except BaseException as exc:  # handed to the main thread
                 outcome["error"] = exc
 
-        global _RUN_THREAD
-        self._thread = _RUN_THREAD = threading.Thread(target=target, name="virtex-run", daemon=True)
+        self._thread = threading.Thread(target=target, name="virtex-run", daemon=True)
         self._thread.start()
         while self._thread.is_alive():  # join with a timeout: the signal handler can run meanwhile
             self._thread.join(0.5)
@@ -321,9 +317,8 @@ class SlurmTask(submitit.helpers.Checkpointable):
         from virtex.engine import request_stop
 
         request_stop()
-        # the run's thread in this process (kept module-wide too: the handler must find it
-        # whichever task object submitit calls checkpoint() on)
-        thread = getattr(self, "_thread", None) or _RUN_THREAD
+        # submitit calls this on the very object it is running (its DelayedSubmission's function)
+        thread = getattr(self, "_thread", None)
         if thread is not None and thread.is_alive():
             print(f"virtex: SLURM signal: checkpointing (waiting up to {self.stop_timeout:.0f} s)",
                   file=sys.stderr, flush=True)
