@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import timed  # noqa: E402
 
 from virtex.models import decoding  # noqa: E402
 from virtex.models.objectives import CaptioningModel  # noqa: E402
@@ -43,16 +44,6 @@ def caption(model: CaptioningModel, features: torch.Tensor, beam: int, steps: in
             use_cache: bool) -> list[list[int]]:
     return decoding.beam_search(model.textual, features, sos_idx=SOS, eos_idx=SOS,
                                 max_length=steps, beam_size=beam, use_cache=use_cache)
-
-
-def timed(fn, device: torch.device) -> tuple[float, list]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out
 
 
 def device_name(device: torch.device) -> str:

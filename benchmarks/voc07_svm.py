@@ -27,7 +27,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -35,6 +34,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import timed  # noqa: E402
 
 from virtex.evaluation.svm import fast_bf16, voc07_svm_map  # noqa: E402
 
@@ -108,16 +109,6 @@ def reference_protocol(train_x, train_y, test_x, test_y, jobs: int = 1) -> dict:
     return {"mAP": float(np.mean(aps)), "ap": aps, "best_cost": [c for _, c in out]}
 
 
-def _timed(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n_train", type=int, default=5011)
@@ -153,14 +144,14 @@ def main() -> None:
     rows, results = [], []  # rows: (method, device, seconds, mAP)
     for label, options in variants:
         voc07_svm_map(*small, **options)  # warm-up
-        result, seconds = _timed(lambda options=options: voc07_svm_map(*tensors, **options),
-                                 device)
+        seconds, result = timed(lambda options=options: voc07_svm_map(*tensors, **options),
+                                device)
         rows.append((label, name, seconds, result["mAP"]))
         results.append((label, result))
         print(f"{label}: {seconds:.2f} s, mAP {result['mAP']:.2f}", flush=True)
 
     if not args.no_reference:
-        ref, ref_s = _timed(lambda: reference_protocol(train_x, train_y, test_x, test_y,
+        ref_s, ref = timed(lambda: reference_protocol(train_x, train_y, test_x, test_y,
                                                        args.reference_jobs), torch.device("cpu"))
         label = "scikit-learn LinearSVC (reference)"
         if args.reference_jobs != 1:

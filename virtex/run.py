@@ -13,6 +13,8 @@ from virtex.config import available_specs
 from virtex.errors import UserError
 from virtex.registry import KINDS, get_registry
 
+DEFAULT_LAUNCHER = "local"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -27,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume from the run dir's newest checkpoint (default: yes)")
     p.add_argument("--print_config", action="store_true", help="print the config and exit")
     p.add_argument("--list", action="store_true", help="list every registered component")
-    p.add_argument("--launcher", default="local", help="launcher plugin (default: local)")
+    p.add_argument("--launcher", default=DEFAULT_LAUNCHER,
+                   help=f"launcher plugin (default: {DEFAULT_LAUNCHER})")
     p.add_argument("--gpus", type=int, default=None,
                    help="processes per node (GPUs; on a CPU-only machine, gloo CPU processes)")
     p.add_argument("--nodes", type=int, default=1)
@@ -52,7 +55,7 @@ def list_components() -> str:
 
 def _launcher_name(argv: list[str]) -> str:
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    p.add_argument("--launcher", default="local")
+    p.add_argument("--launcher", default=DEFAULT_LAUNCHER)
     return p.parse_known_args(argv)[0].launcher
 
 
