@@ -278,13 +278,16 @@ class Trainer:
                                    nesterov=self.nesterov, fused=fused or None)
         return torch.optim.AdamW(groups, lr=self.lr, fused=fused or None)
 
+    def _sampler(self, ctx: Context, start_step: int) -> StepBatchSampler:
+        """This process's batches from ``start_step`` on (subclasses may sample otherwise)."""
+        return StepBatchSampler(len(self.dataset), self.batch_size, ctx.rank, ctx.world_size,
+                                ctx.seed, start_step, self.max_steps)
+
     def _loader(self, ctx: Context, start_step: int) -> DataLoader:
-        sampler = StepBatchSampler(len(self.dataset), self.batch_size, ctx.rank, ctx.world_size,
-                                   ctx.seed, start_step, self.max_steps)
         workers = self.num_workers
         return data_loader(
             SampleSeeded(self.dataset),
-            batch_sampler=sampler,
+            batch_sampler=self._sampler(ctx, start_step),
             num_workers=workers,
             collate_fn=getattr(self.dataset, "collate_fn", None),
             pin_memory=ctx.device.type == "cuda",

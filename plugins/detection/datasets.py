@@ -269,6 +269,15 @@ def polygon_masks(polygons: Sequence[list[list[float]] | None], height: int, wid
     return out
 
 
+def load_rgb(path: Path) -> torch.Tensor:
+    """An image file as a (3, H, W) float RGB tensor in [0, 1], as torchvision's detectors take."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    with Image.open(path) as im:
+        return pil_to_tensor(im.convert("RGB")).float().div_(255)
+
+
 class DetectionDataset(Dataset):
     """Training images ``(3, H, W)`` in [0, 1] (RGB) with torchvision detection targets
     (``boxes``, ``labels`` 1..K, ``masks`` when ``with_masks``); random horizontal flip."""
@@ -286,12 +295,8 @@ class DetectionDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from PIL import Image
-        from torchvision.transforms.functional import pil_to_tensor
-
         r = self.records[i]
-        with Image.open(r.path) as im:
-            image = pil_to_tensor(im.convert("RGB")).float().div_(255)
+        image = load_rgb(r.path)
         h, w = image.shape[1:]
         boxes = torch.from_numpy(r.boxes.copy())
         target = {"boxes": boxes, "labels": torch.from_numpy(r.labels) + 1}

@@ -67,6 +67,13 @@ def coco_results(data: DetectionData, predictions: list[Prediction]) -> list[dic
 _COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+def _results_for(results: list[dict], iou_type: str) -> list[dict]:
+    """The results an evaluation of ``iou_type`` reads: box ones without the masks."""
+    if iou_type == "segm":
+        return results
+    return [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+
+
 def coco_metrics(data: DetectionData, predictions: list[Prediction],
                  iou_types: tuple[str, ...] = ("bbox", "segm")) -> dict[str, float]:
     """COCO box / mask AP with pycocotools' COCOeval on the test annotation file."""
@@ -81,8 +88,7 @@ def coco_metrics(data: DetectionData, predictions: list[Prediction],
         if not results:  # nothing detected: every AP is 0 (pycocotools cannot load no results)
             metrics.update({f"{iou_type}_{k}": 0.0 for k in _COCO_KEYS})
             continue
-        rows = results if iou_type == "segm" else [
-            {k: v for k, v in r.items() if k != "segmentation"} for r in results]
+        rows = _results_for(results, iou_type)
         with contextlib.redirect_stdout(io.StringIO()):
             dt = gt.loadRes(rows)
         ev = COCOeval(gt, dt, iou_type)
@@ -121,8 +127,7 @@ def lvis_metrics(data: DetectionData, predictions: list[Prediction], max_dets: i
         if not results:
             metrics.update({f"{iou_type}_{k}": 0.0 for k in keys})
             continue
-        rows = results if iou_type == "segm" else [
-            {k: v for k, v in r.items() if k != "segmentation"} for r in results]
+        rows = _results_for(results, iou_type)
         ev = LVISEval(gt, LVISResults(gt, rows, max_dets=max_dets), iou_type)
         with lvis_numpy_compat():
             ev.run()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -31,7 +31,7 @@ from virtex.data.loader import data_loader
 from virtex.engine import SampleSeeded, StepBatchSampler, Trainer
 from virtex.models.visual import RESNETS
 
-from .datasets import DetectionData, DetectionDataset
+from .datasets import DetectionData, DetectionDataset, load_rgb
 from .evaluate import Prediction, encode_masks
 from .settings import Settings
 
@@ -174,15 +174,12 @@ class RepeatFactorSampler(StepBatchSampler):
 class DetectionTrainer(Trainer):
     """virtex's trainer, with repeat-factor sampling when the dataset has ``repeat_factors``."""
 
-    def _loader(self, ctx: Context, start_step: int) -> DataLoader:
+    def _sampler(self, ctx: Context, start_step: int) -> StepBatchSampler:
         factors = getattr(self.dataset, "repeat_factors", None)
         if factors is None:
-            return super()._loader(ctx, start_step)
-        sampler = RepeatFactorSampler(factors, self.batch_size, ctx.rank, ctx.world_size,
-                                      ctx.seed, start_step, self.max_steps)
-        return data_loader(SampleSeeded(self.dataset), batch_sampler=sampler,
-                          num_workers=self.num_workers, collate_fn=self.dataset.collate_fn,
-                          pin_memory=ctx.device.type == "cuda")
+            return super()._sampler(ctx, start_step)
+        return RepeatFactorSampler(factors, self.batch_size, ctx.rank, ctx.world_size,
+                                   ctx.seed, start_step, self.max_steps)
 
 
 @torch.no_grad()
@@ -220,12 +217,8 @@ class _TestImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        from PIL import Image
-        from torchvision.transforms.functional import pil_to_tensor
-
         index = self.indices[i]
-        with Image.open(self.data.records[index].path) as im:
-            return index, pil_to_tensor(im.convert("RGB")).float().div_(255)
+        return index, load_rgb(self.data.records[index].path)
 
 
 @torch.no_grad()
