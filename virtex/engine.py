@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from virtex import checkpoint, dist
 from virtex.context import Context
 from virtex.data.loader import data_loader
+from virtex.evaluation.caption_model import is_captioning_model
 
 
 class Preempted(Exception):
@@ -301,8 +302,7 @@ class Trainer:
     @torch.no_grad()
     def _log_samples(self, model: nn.Module, ctx: Context, step: int) -> None:
         """Caption fixed images to tensorboard (beam search: no RNG is drawn)."""
-        if self.sample_dataset is None or not hasattr(model, "generate") \
-                or not hasattr(model, "tokenizer"):
+        if self.sample_dataset is None or not is_captioning_model(model):
             return
         items = [SampleSeeded(self.sample_dataset)[(i, i)]
                  for i in range(min(self.num_samples, len(self.sample_dataset)))]

@@ -26,7 +26,7 @@ from virtex.data.readers import read_coco_captions
 from virtex.data.transforms import eval_transform, load_image
 from virtex.errors import UserError
 from virtex.evaluation import caption_metrics
-from virtex.evaluation.caption_model import ModelSource
+from virtex.evaluation.caption_model import ModelSource, is_captioning_model
 from virtex.evaluation.captioner import caption_files, gather, list_images, shard
 from virtex.evaluation.gallery import render_gallery
 from virtex.io import write_json, write_text
@@ -54,7 +54,7 @@ class CaptionSamples:
     @torch.no_grad()
     def __call__(self, ctx: Context) -> dict[str, float]:
         model = ctx.model
-        if model is None or not hasattr(model, "generate") or not hasattr(model, "tokenizer"):
+        if model is None or not is_captioning_model(model):
             return {}
         records = read_coco_captions(self.root, self.split)[: self.num_images]
         transform = eval_transform(self.image_size, self.image_size)

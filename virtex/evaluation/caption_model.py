@@ -20,6 +20,7 @@ from virtex.models.interop import virtex_state_dict_to_ours
 
 
 def is_captioning_model(model: object) -> bool:
+    """Whether ``model`` can caption images (a captioning task with its tokenizer)."""
     return all(hasattr(model, a) for a in ("generate", "tokenizer", "textual", "visual"))
 
 
