@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tok(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> SentencePieceTokenizer:
     captions = read_caption_strings(shapes_root / "coco/annotations/captions_train2017.json")
-    return SentencePieceTokenizer(build_vocab(captions, tmp_path_factory.mktemp("v") / "v"))
+    return SentencePieceTokenizer(build_vocab(captions, tmp_path_factory.mktemp("v") / "v", vocab_size=300))
 
 
 def _small() -> V.Compose:
@@ -45,8 +45,8 @@ def test_caption_item(shapes_root: Path, tok: SentencePieceTokenizer) -> None:
         assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
         fwd, bwd = item["caption_tokens"], item["noitpac_tokens"]
         assert fwd.dtype == bwd.dtype == torch.long
-        assert fwd[0] == bwd[0] == tok.sos_id and fwd[-1] == bwd[-1] == tok.eos_id
-        assert torch.equal(bwd[1:-1], fwd[1:-1].flip(0))
+        assert fwd[0] == bwd[-1] == tok.sos_id and fwd[-1] == bwd[0] == tok.eos_id
+        assert torch.equal(bwd, fwd.flip(0))  # the exact reverse, as the original builds it
         assert item["caption_lengths"].item() == len(fwd) <= 30
         assert item["image_id"].item() == record.image_id
         text = tok.decode(fwd.tolist())  # a caption, maybe flipped, maybe truncated
@@ -100,9 +100,9 @@ def test_long_caption_truncated(shapes_root: Path, tok: SentencePieceTokenizer,
     item = ds[0]
     assert len(tok.encode(long)) > 30
     assert item["caption_tokens"].shape == (30,) and item["caption_lengths"] == 30
-    assert item["caption_tokens"].tolist() == [tok.sos_id, *tok.encode(long)[:28], tok.eos_id]
-    assert item["noitpac_tokens"].tolist() == [tok.sos_id, *tok.encode(long)[:28][::-1],
-                                               tok.eos_id]
+    # The original keeps the first 30 ids of [SOS] w1 .. wn [EOS]: no [EOS] at either end.
+    assert item["caption_tokens"].tolist() == [tok.sos_id, *tok.encode(long)[:29]]
+    assert item["noitpac_tokens"].tolist() == [*tok.encode(long)[:29][::-1], tok.sos_id]
     short = CocoCaptionsDataset(coco, "val2017", tok, _small(), max_caption_length=12)
     assert short[0]["caption_tokens"].shape == (12,)
 

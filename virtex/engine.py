@@ -335,9 +335,12 @@ class Trainer:
         ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else ctx.run_dir / "checkpoints"
 
         step = 0
+        tokenizer = getattr(model, "tokenizer", None)
         latest = checkpoint.load_latest(ckpt_dir, map_location=device)
         if latest is not None:
             path, state = latest
+            if tokenizer is not None and "vocab" in state:
+                tokenizer.check_fits(state["vocab"], f"checkpoint '{path}'")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
@@ -371,6 +374,8 @@ class Trainer:
                     "step": at,
                     "rng": rngs,
                 }
+                if tokenizer is not None:  # what a loader checks its vocabulary against
+                    state["vocab"] = tokenizer.describe()
                 checkpoint.save(state, ckpt_dir, at)
                 checkpoint.prune(ckpt_dir, self.keep_last, self.keep_every)
             dist.barrier()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,8 @@ from virtex.errors import UserError
 def tokenizer(model: str | None = None, captions: str | None = None,
               vocab_size: int = 10000) -> SentencePieceTokenizer:
     """A SentencePiece tokenizer: from ``model`` (a ``.model`` file), or built once from a COCO
-    captions JSON (``captions``) into the cache, the paper's recipe (unigram, lowercased)."""
+    captions JSON (``captions``) into the cache with the original recipe (see
+    :func:`virtex.data.tokenizer.build_vocab`)."""
     if model is not None:
         if not Path(model).is_file():
             raise UserError(f"tokenizer.model: '{model}' does not exist "
@@ -52,7 +54,7 @@ def coco_captions(root: str = gin.REQUIRED, split: str = "train2017",
     dataset = CocoCaptionsDataset(root, split, tokenizer, transform or T.train_transform(),
                                   max_caption_length=max_caption_length,
                                   labels_from_instances=labels)
-    dataset.collate_fn = collate_captions
+    dataset.collate_fn = functools.partial(collate_captions, pad_id=tokenizer.pad_id)
     return dataset
 
 

@@ -28,13 +28,23 @@ def _image_tensor(sample: dict) -> torch.Tensor:
         else to_float_tensor(image)
 
 
+def caption_tokens(tokenizer: SentencePieceTokenizer, caption: str,
+                   max_length: int = 30) -> tuple[list[int], list[int]]:
+    """Forward and backward tokens of ``caption`` as the original dataset builds them:
+    ``[SOS] w1 .. wn [EOS]`` cut to its first ``max_length`` ids (a long caption loses
+    [EOS]), and the exact reverse of that list (``[EOS] wn .. w1 [SOS]``)."""
+    tokens = [tokenizer.sos_id, *tokenizer.encode(caption), tokenizer.eos_id][:max_length]
+    return tokens, tokens[::-1]
+
+
 class CocoCaptionsDataset(Dataset):
     """COCO images with one caption each, sampled anew (torch RNG) at every access.
 
     The transform sees ``{"image", "caption"}`` (so a flip can swap "left"/"right")
     before the caption is tokenised. Items: ``image`` float (3, H, W),
-    ``caption_tokens`` [SOS] w1 .. wn [EOS] truncated to ``max_caption_length`` in all,
-    ``noitpac_tokens`` [SOS] wn .. w1 [EOS], ``caption_lengths``, ``image_id`` and, with
+    ``caption_tokens`` [SOS] w1 .. wn [EOS] cut to its first ``max_caption_length`` ids (a
+    long caption loses [EOS], as in the original), ``noitpac_tokens`` the exact reverse
+    ([EOS] wn .. w1 [SOS]), ``caption_lengths``, ``image_id`` and, with
     ``labels_from_instances``, ``labels`` (multi-hot over the instance categories).
     """
 
@@ -57,10 +67,8 @@ class CocoCaptionsDataset(Dataset):
         return len(self.records)
 
     def tokens(self, caption: str) -> tuple[list[int], list[int]]:
-        """``(caption_tokens, noitpac_tokens)`` for one caption, truncated to fit."""
-        words = self.tokenizer.encode(caption)[: self.max_caption_length - 2]
-        sos, eos = self.tokenizer.sos_id, self.tokenizer.eos_id
-        return [sos, *words, eos], [sos, *words[::-1], eos]
+        """``(caption_tokens, noitpac_tokens)`` of one caption (see :func:`caption_tokens`)."""
+        return caption_tokens(self.tokenizer, caption, self.max_caption_length)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]

@@ -1,25 +1,47 @@
-"""SentencePiece caption tokenizer with fixed special ids, and a deterministic vocab builder.
+"""SentencePiece caption tokenizer and vocabulary builder, in the original VirTex conventions.
 
-Special tokens: ``[PAD]`` = 0, ``[UNK]`` = 1, ``[SOS]`` = 2, ``[EOS]`` = 3, ``[MASK]`` = 4.
-Text is lowercased before it is encoded (and before the vocabulary is trained).
+Special ids are read from the loaded model, never assumed. The original layout (what
+:func:`build_vocab` writes and the published VirTex vocabularies have) is ``<unk>`` = 0,
+which is also the padding id, ``[SOS]`` = 1, ``[EOS]`` = 2, ``[MASK]`` = 3. Vocabularies of
+the first virtex releases (``[PAD]`` 0, ``[UNK]`` 1, ``[SOS]`` 2, ``[EOS]`` 3, ``[MASK]`` 4)
+load too: their ids are found the same way.
+
+Text is normalised as the original dataset did before tokenising (and before training the
+vocabulary): lowercased, Unicode NFKD, combining marks dropped ("Crème" -> "creme").
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
 
-SPECIALS = {"pad": ("[PAD]", 0), "unk": ("[UNK]", 1), "sos": ("[SOS]", 2),
-            "eos": ("[EOS]", 3), "mask": ("[MASK]", 4)}
+from virtex.errors import UserError
+
+# The pieces the original vocabulary recipe adds as control symbols, in id order after <unk>.
+CONTROL_SYMBOLS = ("[SOS]", "[EOS]", "[MASK]")
+_UNK_PIECES = ("<unk>", "[UNK]")
+_PAD_PIECES = ("[PAD]", "<pad>")
+
+
+class VocabularyError(UserError, ValueError):
+    """A vocabulary file virtex cannot use, or one that does not fit a checkpoint."""
+
+
+def normalize_caption(text: str) -> str:
+    """Lowercase, NFKD, drop combining characters: the original dataset's caption text."""
+    text = unicodedata.normalize("NFKD", text.lower())
+    return "".join(ch for ch in text if not unicodedata.combining(ch))
 
 
 class SentencePieceTokenizer:
-    """Lowercasing wrapper around a trained SentencePiece model (picklable)."""
+    """Wrapper around a trained SentencePiece model (picklable) with its special ids."""
 
     def __init__(self, model_path: str | Path) -> None:
         self.model_path = Path(model_path)
@@ -30,12 +52,29 @@ class SentencePieceTokenizer:
 
     def _load(self, proto: bytes) -> None:
         self._proto = proto
-        self._sp = spm.SentencePieceProcessor(model_proto=proto)
-        for piece, want in SPECIALS.values():
-            got = self._sp.piece_to_id(piece)
-            if got != want or self._sp.id_to_piece(want) != piece:
-                raise ValueError(f"{self.model_path}: special token {piece} has id {got}, "
-                                 f"expected {want}; was it built with virtex build_vocab?")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError as e:
+            raise VocabularyError(f"{self.model_path}: not a SentencePiece model "
+                                  f"({str(e).strip().splitlines()[-1][:200]})") from None
+        self.unk_id = self._find(_UNK_PIECES, "unknown")
+        self.sos_id, self.eos_id, self.mask_id = (self._find((p,), p) for p in CONTROL_SYMBOLS)
+        pad = [i for i in (self._id(p) for p in _PAD_PIECES) if i is not None]
+        self.pad_id = pad[0] if pad else self.unk_id  # the original pads with <unk>'s id
+
+    def _id(self, piece: str) -> int | None:
+        i = self._sp.piece_to_id(piece)
+        return i if self._sp.id_to_piece(i) == piece else None
+
+    def _find(self, pieces: tuple[str, ...], what: str) -> int:
+        for piece in pieces:
+            if (i := self._id(piece)) is not None:
+                return i
+        first = [self._sp.id_to_piece(i) for i in range(min(6, self._sp.get_piece_size()))]
+        raise VocabularyError(
+            f"{self.model_path}: the vocabulary has no {what} piece "
+            f"({' or '.join(pieces)}); its first pieces are {first}. Expected a vocabulary "
+            f"with <unk>, {', '.join(CONTROL_SYMBOLS)} (python -m virtex.tools.build_vocab)")
 
     def __getstate__(self) -> dict:
         return {"model_path": self.model_path, "proto": self._proto}
@@ -45,15 +84,15 @@ class SentencePieceTokenizer:
         self._load(state["proto"])
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of lowercased ``text`` (no [SOS]/[EOS] added)."""
-        return self._sp.encode(text.lower(), out_type=int)
+        """Token ids of normalised ``text`` (no [SOS]/[EOS] added)."""
+        return self._sp.encode(normalize_caption(text), out_type=int)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; [PAD], [SOS] and [EOS] are dropped."""
+        """Text of ``ids`` as sentencepiece decodes them (control pieces give no text)."""
         return self._sp.decode([int(i) for i in ids])
 
     def token_to_id(self, piece: str) -> int:
-        """Id of a vocabulary piece ([UNK]'s id if it is not in the vocabulary)."""
+        """Id of a vocabulary piece (the unknown id if it is not in the vocabulary)."""
         return self._sp.piece_to_id(piece)
 
     def id_to_token(self, token_id: int) -> str:
@@ -65,61 +104,73 @@ class SentencePieceTokenizer:
         return self._sp.get_piece_size()
 
     @property
-    def pad_id(self) -> int:
-        return SPECIALS["pad"][1]
+    def special_ids(self) -> dict[str, int]:
+        """``{"pad", "unk", "sos", "eos", "mask"}`` -> id, as read from the model."""
+        return {"pad": self.pad_id, "unk": self.unk_id, "sos": self.sos_id,
+                "eos": self.eos_id, "mask": self.mask_id}
 
-    @property
-    def unk_id(self) -> int:
-        return SPECIALS["unk"][1]
+    def describe(self) -> dict:
+        """What a checkpoint records of its vocabulary: piece count and special ids."""
+        return {"pieces": self.vocab_size, "special_ids": self.special_ids,
+                "file": str(self.model_path)}
 
-    @property
-    def sos_id(self) -> int:
-        return SPECIALS["sos"][1]
-
-    @property
-    def eos_id(self) -> int:
-        return SPECIALS["eos"][1]
-
-    @property
-    def mask_id(self) -> int:
-        return SPECIALS["mask"][1]
+    def check_fits(self, recorded: dict, source: str) -> None:
+        """Raise :class:`VocabularyError` naming both if ``recorded`` (a checkpoint's
+        :meth:`describe`) is another vocabulary than this one."""
+        mine = self.describe()
+        if (recorded.get("pieces"), recorded.get("special_ids")) != (mine["pieces"],
+                                                                     mine["special_ids"]):
+            raise VocabularyError(
+                f"{source} was trained with the vocabulary {recorded.get('file', '?')} "
+                f"({recorded.get('pieces')} pieces, special ids {recorded.get('special_ids')}), "
+                f"but the vocabulary given is {self.model_path} ({mine['pieces']} pieces, "
+                f"special ids {mine['special_ids']}): bind vocab to the one it was trained with")
 
     def __len__(self) -> int:
         return self.vocab_size
 
 
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+
+
 def build_vocab(captions: Iterable[str], out_prefix: str | Path, vocab_size: int = 10000,
-                model_type: str = "unigram", input_sentence_size: int = 0,
+                model_type: str = "bpe", input_sentence_size: int = 0,
                 seed: int = 0) -> Path:
-    """Train a SentencePiece model on lowercased ``captions``; returns ``<out_prefix>.model``.
+    """Train a SentencePiece model on normalised ``captions``; returns ``<out_prefix>.model``.
+
+    The original VirTex recipe: BPE, character coverage 1.0, no BOS/EOS pieces, control
+    symbols [SOS], [EOS], [MASK] (so ``<unk>`` = 0, [SOS] = 1, [EOS] = 2, [MASK] = 3),
+    sentencepiece's default normalisation, on captions lowercased with accents stripped.
+    The same captions give the same pieces, scores and ids as the original script. A
+    corpus too small for ``vocab_size`` pieces is an error that says the size it can
+    reach (sentencepiece is never allowed to shrink the vocabulary silently).
 
     Also writes ``<out_prefix>.vocab`` (``piece<TAB>score`` lines). Deterministic: one
-    thread, a fixed sampling seed, and the model proto holds no paths, so the same
-    captions give byte-identical files. ``input_sentence_size`` > 0 samples that many
-    sentences (with ``seed``); 0 uses them all. ``hard_vocab_limit`` is off, so a
-    small corpus yields a smaller vocabulary instead of failing. Both files appear
-    atomically (written in a temp dir beside them, then ``os.replace``).
+    thread, a fixed sampling seed, and the model proto holds no paths. Both files
+    appear atomically (written in a temp dir beside them, then ``os.replace``).
     """
-    sentences = [c.strip().lower() for c in captions]
-    sentences = [s for s in sentences if s]
-    if not sentences:
+    sentences = [normalize_caption(c) for c in captions]
+    if not any(s.strip() for s in sentences):
         raise ValueError("no non-empty captions to train on")
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    if vocab_size <= len(SPECIALS):
+    if vocab_size <= 1 + len(CONTROL_SYMBOLS):
         raise ValueError(f"vocab_size={vocab_size} must exceed the "
-                         f"{len(SPECIALS)} special tokens")
+                         f"{1 + len(CONTROL_SYMBOLS)} special pieces")
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
+    # The original wrote one caption per line to a file for the trainer: split the same way.
+    lines = "\n".join(sentences).split("\n")
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-            model_type=model_type, hard_vocab_limit=False, character_coverage=1.0,
-            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-            num_threads=1, pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="[PAD]",
-            unk_piece="[UNK]", bos_piece="[SOS]", eos_piece="[EOS]",
-            user_defined_symbols=["[MASK]"], minloglevel=2)
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=1.0, bos_id=-1, eos_id=-1,
+            control_symbols=list(CONTROL_SYMBOLS), input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True, num_threads=1, minloglevel=2)
     except RuntimeError as e:  # sentencepiece reports bad settings as RuntimeError
+        if m := _TOO_HIGH.search(str(e)):
+            raise ValueError(f"vocab_size={vocab_size} is more pieces than these captions "
+                             f"allow: at most {m[2]} can be built from them") from None
         raise ValueError(f"sentencepiece training failed: {e}") from None
     proto = model.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=proto)

@@ -40,6 +40,12 @@ def captioning_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module,
         prefixes = sorted({k.split(".", 1)[0] + ".*" for k in state})
         raise UserError(f"checkpoint '{source}' is not a captioning model: it has no 'textual.*' "
                         f"weights (it has {_few(prefixes, 5) or 'no weights'})")
+    tokenizer = getattr(model, "tokenizer", None)
+    bias = state.get("textual.output.bias")
+    if tokenizer is not None and bias is not None and bias.shape[0] != tokenizer.vocab_size:
+        raise UserError(f"checkpoint '{source}' predicts {bias.shape[0]} tokens, but the "
+                        f"vocabulary {tokenizer.model_path} has {tokenizer.vocab_size} pieces: "
+                        "bind vocab to the vocabulary the checkpoint was trained with")
     if _is_published(state):
         try:
             return virtex_state_dict_to_ours(state, model=model)
@@ -78,6 +84,9 @@ def build_captioning_model(factory: Callable[[], nn.Module]) -> nn.Module:
 def load_captioning_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load checkpoint ``path`` (ours or published VirTex) into ``model``, strictly."""
     state = checkpoint.load(path)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and isinstance(state.get("vocab"), Mapping):
+        tokenizer.check_fits(state["vocab"], f"checkpoint '{path}'")
     state = state.get("model", state)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"checkpoint '{path}' holds no model state dict (expected "

@@ -3,7 +3,11 @@
     python -m virtex.tools.build_vocab --captions coco/annotations/captions_train2017.json \\
         --out vocab/coco_10k [--vocab_size 10000]
 
-Writes ``<out>.model`` and ``<out>.vocab``; exits 1 with one message on a bad input.
+The original VirTex recipe (BPE; captions lowercased, NFKD, accents dropped; control
+symbols [SOS], [EOS], [MASK]): a vocabulary built here from the same captions has the same
+pieces and ids as one built by the original code. Writes ``<out>.model`` and
+``<out>.vocab``; exits 2 with one message on a bad input (including a ``--vocab_size``
+larger than the captions allow: the message gives the largest possible).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--captions", required=True, help="COCO captions_<split>.json")
     ap.add_argument("--out", required=True, help="output prefix (writes PREFIX.model/.vocab)")
     ap.add_argument("--vocab_size", type=int, default=10000)
-    ap.add_argument("--model_type", default="unigram", choices=["unigram", "bpe", "char", "word"])
+    ap.add_argument("--model_type", default="bpe", choices=["bpe", "unigram", "char", "word"],
+                    help="bpe (default) is the original recipe")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -32,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_vocab(captions, a.out, vocab_size=a.vocab_size, model_type=a.model_type)
     except (ValueError, OSError) as e:  # DataFormatError is a ValueError
         print(f"build_vocab: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     tok = SentencePieceTokenizer(model)
     print(f"build_vocab: {len(captions)} captions -> {tok.vocab_size} pieces "
           f"(asked {a.vocab_size}, {a.model_type}) written to {model} and "
