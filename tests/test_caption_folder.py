@@ -188,3 +188,25 @@ def test_browser_chromium_shows_images_beside_captions(gallery_run, tmp_path):
     with Image.open(shot) as image:
         assert image.size == (1200, 900)
         assert len(image.convert("RGB").resize((120, 90)).getcolors(20000)) > 50  # not blank
+
+
+def test_checkpoint_of_another_vocabulary_is_one_error(setup, tmp_path, capfd, monkeypatch):
+    """A checkpoint records its vocabulary; captioning it with another is one clear error."""
+    monkeypatch.setenv("VIRTEX_CACHE", str(setup["tmp"] / "cache"))
+    state = torch.load(setup["ckpt"], weights_only=True)
+    other = {"pieces": 10000, "file": "coco_10k.model",
+             "special_ids": {"pad": 0, "unk": 0, "sos": 1, "eos": 2, "mask": 3}}
+    torch.save({**state, "vocab": other}, tmp_path / "other.pt")
+    assert caption_folder(setup, tmp_path / "run", f"ckpt={tmp_path / 'other.pt'}") == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("virtex: error: checkpoint ")
+    assert "trained with the vocabulary coco_10k.model (10000 pieces" in err[0]
+    assert "(300 pieces, special ids {'pad': 0, 'unk': 0, 'sos': 1, 'eos': 2" in err[0]
+    # Without a record (a published checkpoint), the output layer's size is checked.
+    sd = {k: v for k, v in state["model"].items()}
+    sd["textual.output.bias"] = torch.zeros(1000)
+    torch.save({"model": sd}, tmp_path / "published.pt")
+    assert caption_folder(setup, tmp_path / "run2", f"ckpt={tmp_path / 'published.pt'}") == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "predicts 1000 tokens, but the vocabulary" in err[0]
+    assert "has 300 pieces" in err[0]
