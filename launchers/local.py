@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 
 from virtex import dist
 from virtex.errors import UserError
-from virtex.runner import Job, run_job
+from virtex.runner import Job, own_run_dir, run_job
 
 
 def _spawned(rank: int, job: Job, world_size: int, port: int) -> None:
@@ -23,9 +23,10 @@ class LocalLauncher:
         processes = max(1, job.gpus or 1)
         if job.gpus and torch.cuda.is_available() and processes > torch.cuda.device_count():
             raise UserError(f"--gpus {processes}: only {torch.cuda.device_count()} GPU(s) visible")
-        if processes == 1:
-            run_job(job)
-            return 0
-        mp.start_processes(_spawned, args=(job, processes, dist.free_port()), nprocs=processes,
-                           join=True, start_method="spawn")
+        with own_run_dir(job):
+            if processes == 1:
+                run_job(job)
+            else:
+                mp.start_processes(_spawned, args=(job, processes, dist.free_port()),
+                                   nprocs=processes, join=True, start_method="spawn")
         return 0

@@ -17,6 +17,7 @@ requeued job resumes from that checkpoint (the runner always resumes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io as io_module
 import itertools
@@ -272,7 +273,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, float]:
         from virtex.engine import Preempted
-        from virtex.runner import run_job
+        from virtex.runner import own_run_dir, run_job
 
         env = submitit.JobEnvironment()
         _only_this_process_checkpoints(env)
@@ -285,9 +286,10 @@ class SlurmTask(submitit.helpers.Checkpointable):
         outcome: dict[str, Any] = {}
 
         def target() -> None:
-            try:
-                outcome["metrics"] = run_job(self.job, rank, world_size, local_rank,
-                                             env.hostnames[0], _port(env.raw_job_id))
+            try:  # rank 0 owns the run directory; a requeued job is the same SLURM job
+                with own_run_dir(self.job) if rank == 0 else contextlib.nullcontext():
+                    outcome["metrics"] = run_job(self.job, rank, world_size, local_rank,
+                                                 env.hostnames[0], _port(env.raw_job_id))
             except BaseException as exc:  # handed to the main thread
                 outcome["error"] = exc
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from virtex.errors import UserError
-from virtex.io import atomic_write
+from virtex.io import atomic_write, remove_stale_temporaries
 
 _NAME = re.compile(r"^step_(\d{7,})\.pt$")
 
@@ -68,7 +68,9 @@ def load_latest(directory: Path, map_location: str | torch.device = "cpu") -> tu
 
 
 def prune(directory: Path, keep_last: int, keep_every: int | None) -> None:
-    """Keep the newest ``keep_last`` checkpoints plus every ``keep_every``-th step."""
+    """Keep the newest ``keep_last`` checkpoints plus every ``keep_every``-th step, and
+    remove the temporaries of killed writers of this host."""
+    remove_stale_temporaries(directory)
     paths = list_checkpoints(directory)
     for path in paths[: max(0, len(paths) - keep_last)]:
         step = step_of(path) or 0

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from virtex.io import write_text
+
 
 class RunLogger:
     """Metrics to tensorboard, ``log.txt`` and ``metrics.jsonl``, on rank 0 only."""
@@ -18,14 +20,36 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.rank = rank
         self._writer = None
+        self._purge_step: int | None = None
 
     @property
     def writer(self):  # tensorboard import is slow: only when first used
         if self._writer is None and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                         purge_step=self._purge_step)
         return self._writer
+
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after ``step`` (a run resumed from its checkpoint at
+        ``step`` logs the later steps again): ``metrics.jsonl`` keeps its complete rows up
+        to ``step``, and tensorboard purges its later events."""
+        if self.rank != 0:
+            return
+        self._purge_step = step + 1
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # the half-written last line of a killed run
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line + "\n")
+        write_text(path, "".join(kept))
 
     def info(self, message: str) -> None:
         if self.rank != 0:

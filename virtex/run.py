@@ -77,12 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if not args.spec:
             raise UserError("no spec given: python -m virtex.run SPEC (or --list)")
-        from virtex.runner import prepare
+        from virtex.runner import check_config, prepare
 
         job = prepare(args.spec, args.gin_param, args.run_dir, args.gpus, args.nodes, args.seed, argv)
         if args.print_config:
             print(gin.config_str(), end="")
             return 0
+        check_config(job, gin.config_str())
         if not args.resume:  # checkpoints of the run or of its evaluators' training
             if any(Path(job.run_dir).rglob("step_*.pt")):
                 raise UserError(f"{job.run_dir} already has checkpoints and --no-resume was given: "

@@ -7,6 +7,7 @@ the experiment from gin and runs it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io as io_module
@@ -14,7 +15,7 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import gin
 import numpy as np
 import torch
 
-from virtex import dist, io
+from virtex import dist, io, lock
 from virtex.config import parse_spec, resolve_spec, spec_name
 from virtex.context import Context, RunLogger
 from virtex.errors import UserError
@@ -67,6 +68,33 @@ def prepare(spec: str, params: Sequence[str], run_dir: str | None = None, gpus: 
         run_dir = str(Path("runs") / name / config_hash(config, seed))
     command = shlex.join(["python", "-m", "virtex.run", *(argv if argv is not None else sys.argv[1:])])
     return Job(str(path), name, list(params), str(Path(run_dir).resolve()), gpus, nodes, seed, command)
+
+
+@contextlib.contextmanager
+def own_run_dir(job: Job) -> Iterator[None]:
+    """Hold the run directory's lock for the block (see :mod:`virtex.lock`) and first
+    remove the temporaries that killed writers left in it."""
+    with lock.hold(job.run_dir):
+        io.remove_stale_temporaries(job.run_dir, other_hosts=True)
+        yield
+
+
+def check_config(job: Job, config: str) -> None:
+    """A run directory holds one config: resuming it with another is one error that shows
+    the differing bindings and says how to start fresh."""
+    saved = Path(job.run_dir) / "config.gin"
+    if not saved.is_file():
+        return
+    before, now = saved.read_text().splitlines(), config.splitlines()
+    if before == now:
+        return
+    old = [line for line in before if line not in now and line.strip()]
+    new = [line for line in now if line not in before and line.strip()]
+    shown = "; ".join([*(f"was `{x}`" for x in old[:3]), *(f"now `{x}`" for x in new[:3])])
+    more = len(old) + len(new) - min(3, len(old)) - min(3, len(new))
+    raise UserError(f"run directory {job.run_dir} holds a run of another config ({shown}"
+                    f"{f'; {more} more' if more else ''}): run it with the bindings in "
+                    f"{saved}, or start fresh with another --run_dir (or delete that directory)")
 
 
 def init_run_dir(job: Job) -> Path:

@@ -200,20 +200,16 @@ def backbone_state_dict(model_or_state_dict: nn.Module | Mapping) -> dict[str, t
 
 def export_backbone(model: nn.Module | Mapping, path: str | os.PathLike) -> None:
     """Write :func:`backbone_state_dict` atomically: ``.safetensors`` or ``torch.save``."""
-    path = os.fspath(path)
-    state = backbone_state_dict(model)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import save_file
+    from virtex.io import atomic_write
 
-            save_file(state, tmp, metadata={"format": "pt"})
-        else:
-            torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    state = backbone_state_dict(model)
+    if os.fspath(path).endswith(".safetensors"):
+        from safetensors.torch import save
+
+        data = save(state, metadata={"format": "pt"})
+        atomic_write(path, lambda f: f.write(data))
+    else:
+        atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_torchvision_backbone_weights(

@@ -1,0 +1,227 @@
+"""Faults a run must survive: a second start on a held run directory, another config in
+the same directory, kill -9 during checkpoint writes, Ctrl-C, a full disk, a read-only
+run directory. Each checks the exit code, the one error line and what the run directory
+holds afterwards (no temporaries, loadable checkpoints, metrics logged once per step)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from cli import REPO, run_cli, tiny_pretrain
+
+from virtex.checkpoint import list_checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, shapes_root):
+    """A tiny pretraining spec (ResNet-18, 32 px) with a checkpoint at every step."""
+    spec, params = tiny_pretrain(tmp_path_factory.mktemp("spec"), shapes_root / "coco",
+                                 batch_size=4, max_steps=3, warmup_steps=1, checkpoint_every=1,
+                                 log_every=1, keep_last=10)
+    cache = tmp_path_factory.mktemp("cache")
+    return [str(spec), *params], {"VIRTEX_CACHE": str(cache)}
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss/total"]) for r in rows if "loss/total" in r]
+
+
+def _temporaries(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.rglob("*.tmp"))
+
+
+def _error_line(res: subprocess.CompletedProcess) -> str:
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    return lines[0]
+
+
+def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "virtex.run", *args], cwd=REPO,
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, timeout: float = 300, every: float = 0.002) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory) -> list[tuple[int, float]]:
+    args, env = tiny
+    run = tmp_path_factory.mktemp("reference") / "run"
+    res = run_cli(*args, "--run_dir", str(run), env=env)
+    assert res.returncode == 0, res.stderr
+    assert not (run / ".lock").exists() and not _temporaries(run)
+    return _losses(run)
+
+
+def test_a_second_start_on_a_held_run_dir_is_one_error(tiny, tmp_path):
+    args, env = tiny
+    run = tmp_path / "run"
+    first = _start([*args, "--gin_param", "trainer.max_steps=500", "--run_dir", str(run)], env)
+    try:
+        assert _wait_for(lambda: (run / "metrics.jsonl").is_file(), every=0.1)
+        res = run_cli(*args, "--gin_param", "trainer.max_steps=500", "--run_dir", str(run), env=env)
+        assert res.returncode == 2
+        line = _error_line(res)
+        assert line.startswith(f"virtex: error: run directory {run} is in use by pid "
+                               f"{first.pid} on host {socket.gethostname()} since ")
+        assert line.endswith("wait for it to finish, or choose another --run_dir")
+    finally:
+        first.kill()
+        first.wait()
+    # kill -9 leaves the lock behind, naming the dead holder (the next test takes one over)
+    assert json.loads((run / ".lock").read_text())["pid"] == first.pid
+
+
+def test_a_dead_holders_lock_is_taken_over(tiny, reference, tmp_path):
+    args, env = tiny
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    holder = {"host": socket.gethostname(), "pid": int(dead), "slurm_job": None, "since": 0}
+    (run / ".lock").write_text(json.dumps(holder))
+    res = run_cli(*args, "--run_dir", str(run), env=env)
+    assert res.returncode == 0, res.stderr
+    assert not (run / ".lock").exists()
+    assert _losses(run) == reference
+
+
+def test_another_config_in_the_same_run_dir_is_one_error(tiny, reference, tmp_path):
+    args, env = tiny
+    run = tmp_path / "run"
+    assert run_cli(*args, "--run_dir", str(run), env=env).returncode == 0
+    config = (run / "config.gin").read_text()
+    res = run_cli(*args, "--run_dir", str(run), "--gin_param", "trainer.max_steps=4", env=env)
+    assert res.returncode == 2
+    line = _error_line(res)
+    assert line.startswith(f"virtex: error: run directory {run} holds a run of another config "
+                           "(was `trainer.max_steps = 3`; now `trainer.max_steps = 4`)")
+    assert "or start fresh with another --run_dir" in line
+    assert (run / "config.gin").read_text() == config
+    assert _losses(run) == reference  # nothing trained, nothing logged
+    # The same config resumes (here: finds the run finished).
+    res = run_cli(*args, "--run_dir", str(run), env=env)
+    assert res.returncode == 0 and "training already finished" in res.stdout
+
+
+@pytest.mark.slow
+def test_kill_9_during_checkpoint_writes_then_resume(tiny, reference, tmp_path):
+    """SIGKILL while a checkpoint is being written, five times: each kill leaves a
+    temporary that the next start removes; the finished run equals an uninterrupted one."""
+    args, env = tiny
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    left_behind = 0
+    for _ in range(5):
+        proc = _start([*args, "--run_dir", str(run)], env)
+        mine = f"*~{proc.pid}.tmp"  # this writer's temporary (see virtex.io)
+
+        def writing(proc=proc, mine=mine) -> bool:
+            return bool(list(ckpts.glob(mine))) or proc.poll() is not None
+
+        assert _wait_for(writing)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        left_behind += bool(list(ckpts.glob(mine)))
+        for path in list_checkpoints(ckpts):  # every complete checkpoint loads
+            torch.load(path, weights_only=True)
+    assert left_behind >= 3  # the kills did land inside checkpoint writes
+    res = run_cli(*args, "--run_dir", str(run), env=env)
+    assert res.returncode == 0, res.stderr
+    assert not _temporaries(run) and not (run / ".lock").exists()
+    assert _losses(run) == reference  # bitwise, and each step logged once
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(tiny, reference, tmp_path):
+    args, env = tiny
+    run = tmp_path / "run"
+    proc = _start([*args, "--run_dir", str(run)], env)
+    assert _wait_for(lambda: bool(list((run / "checkpoints").glob("*"))), every=0.001)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "virtex: interrupted"
+    assert not _temporaries(run) and not (run / ".lock").exists()
+    res = run_cli(*args, "--run_dir", str(run), env=env)
+    assert res.returncode == 0, res.stderr
+    assert _losses(run) == reference
+
+
+def _mount_tmpfs(where: Path, size: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) for a small tmpfs (run the tests as root)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mounts: list[Path] = []
+
+    def mount(where: Path, size: str) -> Path:
+        _mount_tmpfs(where, size)
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounts):
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_disk_full_is_one_line_and_earlier_checkpoints_stay(tiny, tmp_path, tmpfs):
+    args, env = tiny
+    probe = tmp_path / "probe"
+    assert run_cli(*args, "--run_dir", str(probe), "--gin_param", "trainer.max_steps=1",
+                   env=env).returncode == 0
+    size = list_checkpoints(probe / "checkpoints")[0].stat().st_size
+    run = tmp_path / "run"
+    tmpfs(run / "checkpoints", f"{int(size * 1.5)}")  # room for one checkpoint, not two
+    res = run_cli(*args, "--run_dir", str(run), env=env)
+    assert res.returncode == 2
+    line = _error_line(res)
+    assert line == (f"virtex: error: cannot write {run / 'checkpoints' / 'step_0000002.pt'}: "
+                    "no space left on device")
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_0000001.pt"]
+    assert torch.load(run / "checkpoints" / "step_0000001.pt", weights_only=True)["step"] == 1
+    assert not _temporaries(run) and not (run / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_read_only_run_dir_is_one_line(tiny, tmp_path, tmpfs):
+    args, env = tiny
+    run = tmpfs(tmp_path / "run", "512m")
+    assert run_cli(*args, "--run_dir", str(run), "--gin_param", "trainer.max_steps=1",
+                   env=env).returncode == 0
+    before = sorted(p.name for p in list_checkpoints(run / "checkpoints"))
+    remount = subprocess.run(["mount", "-o", "remount,ro", str(run)], capture_output=True,
+                             text=True)
+    if remount.returncode:
+        pytest.skip(f"cannot remount read-only: {remount.stderr.strip()}")
+    res = run_cli(*args, "--run_dir", str(run), "--gin_param", "trainer.max_steps=1", env=env)
+    assert res.returncode == 2
+    assert _error_line(res) == f"virtex: error: cannot write {run / '.lock'}: read-only file system"
+    assert sorted(p.name for p in list_checkpoints(run / "checkpoints")) == before
