@@ -12,6 +12,7 @@ from virtex.models.objectives import (
     MultilabelClassificationModel,
     TokenClassificationModel,
     bidirectional_logits,
+    set_softmax_loss,
 )
 from virtex.models.textual import TransformerTextualHead, parse_textual_size
 from virtex.models.visual import ResNetBackbone
@@ -268,3 +269,24 @@ def test_masked_lm_head_is_bidirectional_and_masks_keys_by_length():
                               model.textual.decode(zero, memory, causal=False)[0, 2])
     assert torch.allclose(logits(past)[0, :5], model.textual.decode(past[:, :5], memory,
                                                                     causal=False)[0], atol=1e-5)
+
+
+def test_set_softmax_loss_is_the_mean_over_distinct_targets_and_skips_empty_rows():
+    torch.manual_seed(0)
+    logits = torch.randn(3, VOCAB)
+    tokens = torch.tensor([[SOS, 7, 7, 9, EOS], [SOS, EOS, PAD, PAD, PAD], [SOS, 5, EOS, PAD, PAD]])
+    model = TokenClassificationModel(ResNetBackbone("resnet18"), VOCAB)
+    bag = model.targets(tokens).bool()
+    logp = logits.log_softmax(1)
+    expected = (-(logp[0, 7] + logp[0, 9]) / 2 - logp[2, 5]) / 3  # row 1 has no word: 0
+    assert torch.allclose(set_softmax_loss(logits, bag), expected)
+
+
+def test_unknown_loss_or_masking_names_the_binding():
+    backbone = ResNetBackbone("resnet18")
+    with pytest.raises(UserError, match=r"tasks.token_classification.loss: unknown 'hinge'"):
+        TokenClassificationModel(backbone, VOCAB, loss="hinge")
+    with pytest.raises(UserError, match=r"tasks.multilabel_classification.loss"):
+        MultilabelClassificationModel(backbone, 7, loss="focal")
+    with pytest.raises(UserError, match=r"tasks.masked_lm.masking: unknown 'span'"):
+        MaskedLMModel(backbone, make_head(), MASK, VOCAB, masking="span")
