@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from virtex.data import transforms as V
 from virtex.data.datasets import CocoCaptionsDataset, ImageClassificationDataset, collate_captions
+from virtex.data.masking import CaptionMasking
 from virtex.data.readers import (
     read_caption_strings,
-    read_coco_labels,
     read_image_folder,
     read_inat,
     read_voc_classification,
 )
 from virtex.data.tokenizer import SentencePieceTokenizer, build_vocab
+from virtex.engine import SampleSeeded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,15 +108,78 @@ def test_long_caption_truncated(shapes_root: Path, tok: SentencePieceTokenizer,
     assert short[0]["caption_tokens"].shape == (12,)
 
 
+def _instance_labels(coco: Path, split: str) -> dict[int, list[int]]:
+    """Expected labels, straight from the JSON: categories numbered 1.. in file order."""
+    data = json.loads((coco / "annotations" / f"instances_{split}.json").read_text())
+    number = {c["id"]: k for k, c in enumerate(data["categories"], start=1)}
+    out: dict[int, set[int]] = {}
+    for a in data["annotations"]:
+        out.setdefault(a["image_id"], set()).add(number[a["category_id"]])
+    return {i: sorted(v) for i, v in out.items()}
+
+
 def test_labels_from_instances(shapes_root: Path, tok: SentencePieceTokenizer) -> None:
-    ds = CocoCaptionsDataset(shapes_root / "coco", "val2017", tok, _small(),
-                             labels_from_instances=True)
-    labels, names = read_coco_labels(shapes_root / "coco", "val2017")
-    assert ds.categories == names
+    coco = shapes_root / "coco"
+    ds = CocoCaptionsDataset(coco, "val2017", tok, _small(), labels_from_instances=True)
+    data = json.loads((coco / "annotations/instances_val2017.json").read_text())
+    assert ds.categories == [c["name"] for c in data["categories"]]
+    expected = _instance_labels(coco, "val2017")
+    assert len(ds) == len(expected)
     for index in range(len(ds)):
         item = ds[index]
-        assert item["labels"].dtype == torch.float32
-        np.testing.assert_array_equal(item["labels"].numpy(), labels[item["image_id"].item()])
+        assert item["labels"].dtype == torch.long
+        assert item["labels"].tolist() == expected[item["image_id"].item()]
+
+
+def test_images_without_instances_are_dropped(shapes_root: Path, tmp_path: Path,
+                                              tok: SentencePieceTokenizer) -> None:
+    coco = tmp_path / "coco"
+    shutil.copytree(shapes_root / "coco" / "annotations", coco / "annotations")
+    (coco / "val2017").symlink_to(shapes_root / "coco" / "val2017")
+    path = coco / "annotations/instances_val2017.json"
+    data = json.loads(path.read_text())
+    bare = sorted({a["image_id"] for a in data["annotations"]})[:2]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] not in bare]
+    data["categories"] = data["categories"][::-1]  # numbering follows the file order
+    path.write_text(json.dumps(data))
+    everything = CocoCaptionsDataset(coco, "val2017", tok, _small())
+    ds = CocoCaptionsDataset(coco, "val2017", tok, _small(), labels_from_instances=True)
+    assert len(ds) == len(everything) - 2
+    assert not {r.image_id for r in ds.records} & set(bare)
+    expected = _instance_labels(coco, "val2017")
+    assert all(ds[i]["labels"].tolist() == expected[r.image_id] for i, r in enumerate(ds.records))
+    assert ds.categories[0] == data["categories"][0]["name"]
+    kept = CocoCaptionsDataset(coco, "val2017", tok, _small(), labels_from_instances=True,
+                               keep_unlabelled=True)
+    assert len(kept) == len(everything)
+    index = [r.image_id for r in kept.records].index(bare[0])
+    assert kept[index]["labels"].tolist() == []
+
+
+def test_masked_lm_items_are_seeded_per_sample(shapes_root: Path,
+                                               tok: SentencePieceTokenizer) -> None:
+    coco = shapes_root / "coco"
+    plain = SampleSeeded(CocoCaptionsDataset(coco, "val2017", tok, _small()))
+    masking = CaptionMasking()
+    masked = SampleSeeded(CocoCaptionsDataset(coco, "val2017", tok, _small(), masking=masking))
+    state = random.getstate()
+    for index in range(len(plain)):
+        item, original = masked[(index, 100 + index)], plain[(index, 100 + index)]
+        assert random.getstate() == state  # the main process's stream is left alone
+        again = masked[(index, 100 + index)]
+        assert all(torch.equal(item[k], again[k]) for k in item)  # a function of the seed
+        tokens, labels = item["caption_tokens"], item["masked_labels"]
+        before = original["caption_tokens"]  # the same caption: drawn before the masking
+        assert torch.equal(item["image"], original["image"])
+        length = len(before)
+        chosen = (tokens != before) | (labels != tok.pad_id)
+        assert not chosen[0] and not chosen[-1]
+        assert chosen.sum() <= masking.count(length)
+        assert torch.equal(labels[labels != tok.pad_id], before[labels != tok.pad_id])
+        assert (tokens[labels != tok.pad_id] == tok.mask_id).all()
+        assert (labels != tok.pad_id).any() or masking.count(length) > 1
+    batch = collate_captions([masked[(i, i)] for i in range(4)], pad_id=tok.pad_id)
+    assert batch["masked_labels"].shape == batch["caption_tokens"].shape
 
 
 def test_collate(shapes_root: Path, tok: SentencePieceTokenizer) -> None:
@@ -131,7 +195,10 @@ def test_collate(shapes_root: Path, tok: SentencePieceTokenizer) -> None:
         assert batch[key].shape == (n, t) and batch[key].dtype == torch.long
     assert batch["caption_lengths"].tolist() == lengths
     assert batch["image_id"].dtype == torch.long and batch["image_id"].shape == (n,)
-    assert batch["labels"].shape == (n, 20) and batch["labels"].dtype == torch.float32
+    width = max(len(i["labels"]) for i in items)
+    assert batch["labels"].shape == (n, width) and batch["labels"].dtype == torch.long
+    for row, item in zip(batch["labels"], items):
+        assert row.tolist() == item["labels"].tolist() + [0] * (width - len(item["labels"]))
     for row, item, length in zip(batch["caption_tokens"], items, lengths):
         assert torch.equal(row[:length], item["caption_tokens"])
         assert (row[length:] == tok.pad_id).all()

@@ -4,12 +4,15 @@ import pytest
 import torch
 from torch import nn
 
+from virtex.errors import UserError
 from virtex.models.objectives import (
     BicaptioningModel,
     CaptioningModel,
     MaskedLMModel,
     MultilabelClassificationModel,
     TokenClassificationModel,
+    bidirectional_logits,
+    set_softmax_loss,
 )
 from virtex.models.textual import TransformerTextualHead, parse_textual_size
 from virtex.models.visual import ResNetBackbone
@@ -32,7 +35,8 @@ def make_batch(n: int = 3, t: int = 8, size: int = 32, seed: int = 0) -> dict:
         tokens[i, : k + 2] = torch.cat([torch.tensor([SOS]), words, torch.tensor([EOS])])
         noitpac[i, : k + 2] = torch.cat([torch.tensor([SOS]), words.flip(0), torch.tensor([EOS])])
         lengths[i] = k + 2
-    labels = (torch.rand(n, 7, generator=g) > 0.5).float()
+    labels = torch.randint(1, 7, (n, 3), generator=g)  # class ids 1..6, 0 = padding
+    labels[0, 1:], labels[1, 0] = 0, 6
     return {
         "image": torch.randn(n, 3, size, size, generator=g),
         "caption_tokens": tokens,
@@ -176,9 +180,15 @@ def test_token_and_multilabel_classification():
         words = set(batch["caption_tokens"][i].tolist()) - {PAD, UNK, SOS, EOS, MASK}
         assert set(target[i].nonzero().flatten().tolist()) == words
     check_output(model(batch), {"token_classification"})
+    bce = TokenClassificationModel(ResNetBackbone("resnet18"), VOCAB, loss="bce")
+    check_output(bce(batch), {"token_classification"})
 
     model = MultilabelClassificationModel(ResNetBackbone("resnet18"), num_classes=7)
     check_output(model(batch), {"multilabel_classification"})
+    bce = MultilabelClassificationModel(ResNetBackbone("resnet18"), num_classes=7, loss="bce")
+    check_output(bce(batch), {"multilabel_classification"})
+    with pytest.raises(UserError, match="num_classes"):
+        MultilabelClassificationModel(ResNetBackbone("resnet18"), num_classes=6)(batch)
 
 
 def test_masked_lm_masking_statistics():
@@ -212,5 +222,71 @@ def test_masked_lm_masking_statistics():
 
 def test_masked_lm_forward():
     torch.manual_seed(0)
-    model = MaskedLMModel(ResNetBackbone("resnet18"), make_head(), MASK, VOCAB)
+    model = MaskedLMModel(ResNetBackbone("resnet18"), make_head(), MASK, VOCAB,
+                          masking="bernoulli")
     check_output(model(make_batch()), {"masked_lm"})
+
+
+def test_masked_lm_uses_the_datasets_masking_and_survives_a_batch_without_mask():
+    torch.manual_seed(0)
+    model = MaskedLMModel(ResNetBackbone("resnet18"), make_head(), MASK, VOCAB)
+    batch = make_batch()
+    with pytest.raises(UserError, match="masked_labels"):
+        model(batch)
+    labels = torch.zeros_like(batch["caption_tokens"])
+    labels[1, 1], labels[2, 3] = batch["caption_tokens"][1, 1], batch["caption_tokens"][2, 3]
+    masked = batch["caption_tokens"].clone()
+    masked[labels != PAD] = MASK
+    out = model({**batch, "caption_tokens": masked, "masked_labels": labels})
+    check_output(out, {"masked_lm"})
+    assert out["weight"] == 2
+    out = model({**batch, "caption_tokens": masked, "masked_labels": torch.zeros_like(labels)})
+    assert out["loss"].item() == 0.0 and out["weight"] == 0  # not NaN: no gradient
+    out["loss"].backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_masked_lm_head_is_bidirectional_and_masks_keys_by_length():
+    torch.manual_seed(0)
+    model = MaskedLMModel(ResNetBackbone("resnet18"), make_head(dropout=0.0), MASK, VOCAB).eval()
+    tokens = torch.tensor([[SOS, 7, MASK, 9, EOS, PAD, PAD]])
+    lengths = torch.tensor([5])
+    memory = model.textual.encode_visual(torch.randn(1, 512, 2, 2))
+
+    def logits(t: torch.Tensor) -> torch.Tensor:
+        return bidirectional_logits(model.textual, t, memory, lengths)
+
+    base = logits(tokens)
+    later = tokens.clone()
+    later[0, 3] = 11  # a later token changes the prediction at position 2: no future mask
+    assert not torch.allclose(logits(later)[0, 2], base[0, 2])
+    past = tokens.clone()
+    past[0, 6] = 12  # beyond the caption length: not a key
+    assert torch.allclose(logits(past)[0, :5], base[0, :5], atol=1e-6)
+    zero = tokens.clone()
+    zero[0, 3] = PAD  # a padding id inside the caption is still a key (as the original)
+    assert not torch.allclose(logits(zero)[0, 2],
+                              model.textual.decode(zero, memory, causal=False)[0, 2])
+    assert torch.allclose(logits(past)[0, :5], model.textual.decode(past[:, :5], memory,
+                                                                    causal=False)[0], atol=1e-5)
+
+
+def test_set_softmax_loss_is_the_mean_over_distinct_targets_and_skips_empty_rows():
+    torch.manual_seed(0)
+    logits = torch.randn(3, VOCAB)
+    tokens = torch.tensor([[SOS, 7, 7, 9, EOS], [SOS, EOS, PAD, PAD, PAD], [SOS, 5, EOS, PAD, PAD]])
+    model = TokenClassificationModel(ResNetBackbone("resnet18"), VOCAB)
+    bag = model.targets(tokens).bool()
+    logp = logits.log_softmax(1)
+    expected = (-(logp[0, 7] + logp[0, 9]) / 2 - logp[2, 5]) / 3  # row 1 has no word: 0
+    assert torch.allclose(set_softmax_loss(logits, bag), expected)
+
+
+def test_unknown_loss_or_masking_names_the_binding():
+    backbone = ResNetBackbone("resnet18")
+    with pytest.raises(UserError, match=r"tasks.token_classification.loss: unknown 'hinge'"):
+        TokenClassificationModel(backbone, VOCAB, loss="hinge")
+    with pytest.raises(UserError, match=r"tasks.multilabel_classification.loss"):
+        MultilabelClassificationModel(backbone, 7, loss="focal")
+    with pytest.raises(UserError, match=r"tasks.masked_lm.masking: unknown 'span'"):
+        MaskedLMModel(backbone, make_head(), MASK, VOCAB, masking="span")

@@ -46,14 +46,19 @@ def tokenizer(model: str | None = None, captions: str | None = None,
 def coco_captions(root: str = gin.REQUIRED, split: str = "train2017",
                   tokenizer: SentencePieceTokenizer = gin.REQUIRED,
                   transform: Callable | None = None, max_caption_length: int = 30,
-                  labels: bool = False):
+                  labels: bool = False, keep_unlabelled: bool = False,
+                  masked_lm: bool = False):
     """COCO Captions (``root/annotations/captions_<split>.json``, ``root/<split>/*.jpg``);
-    one of each image's captions sampled per step; ``labels`` adds COCO instance labels."""
+    one of each image's captions sampled per step. ``labels`` adds COCO instance labels
+    (class ids; images without instances dropped unless ``keep_unlabelled``);
+    ``masked_lm`` masks the captions as the original VirTex masked-LM dataset."""
     from virtex.data.datasets import CocoCaptionsDataset, collate_captions
+    from virtex.data.masking import CaptionMasking
 
     dataset = CocoCaptionsDataset(root, split, tokenizer, transform or T.train_transform(),
                                   max_caption_length=max_caption_length,
-                                  labels_from_instances=labels)
+                                  labels_from_instances=labels, keep_unlabelled=keep_unlabelled,
+                                  masking=CaptionMasking() if masked_lm else None)
     dataset.collate_fn = functools.partial(collate_captions, pad_id=tokenizer.pad_id)
     return dataset
 

@@ -70,25 +70,35 @@ def captioning(visual: nn.Module = gin.REQUIRED, textual: Callable = gin.REQUIRE
     return model
 
 
-def token_classification(visual: nn.Module = gin.REQUIRED,
-                         tokenizer=gin.REQUIRED) -> TokenClassificationModel:
-    """Predict the bag of caption words from pooled visual features."""
-    special = (tokenizer.pad_id, tokenizer.sos_id, tokenizer.eos_id, tokenizer.unk_id,
+def token_classification(visual: nn.Module = gin.REQUIRED, tokenizer=gin.REQUIRED,
+                         loss: str = "softmax") -> TokenClassificationModel:
+    """Predict the bag of caption words from pooled visual features; ``loss`` 'softmax'
+    (the original VirTex set loss) or 'bce'. Padding, unknown, [SOS], [EOS] and [MASK]
+    (ids from the tokenizer) are not targets."""
+    special = (tokenizer.pad_id, tokenizer.unk_id, tokenizer.sos_id, tokenizer.eos_id,
                tokenizer.mask_id)
-    return TokenClassificationModel(visual, tokenizer.vocab_size, ignore_indices=special)
+    return TokenClassificationModel(visual, tokenizer.vocab_size, ignore_indices=special,
+                                    loss=loss)
 
 
-def multilabel_classification(visual: nn.Module = gin.REQUIRED,
-                              num_classes: int = 80) -> MultilabelClassificationModel:
-    """Predict the COCO instance categories present in the image."""
-    return MultilabelClassificationModel(visual, num_classes)
+def multilabel_classification(visual: nn.Module = gin.REQUIRED, num_classes: int = 81,
+                              loss: str = "softmax") -> MultilabelClassificationModel:
+    """Predict the COCO instance categories present in the image: ``num_classes`` =
+    background + categories (81 for COCO); ``loss`` 'softmax' (original) or 'bce'."""
+    return MultilabelClassificationModel(visual, num_classes, loss=loss)
 
 
 def masked_lm(visual: nn.Module = gin.REQUIRED, textual: Callable = gin.REQUIRED,
-              tokenizer=gin.REQUIRED, mask_prob: float = 0.15) -> MaskedLMModel:
-    """BERT-style masked language modelling of captions conditioned on the image."""
+              tokenizer=gin.REQUIRED, masking: str = "dataset",
+              mask_prob: float = 0.15) -> MaskedLMModel:
+    """Masked language modelling of captions conditioned on the image. ``masking``:
+    'dataset' (the original: captions masked by ``datasets.coco_captions.masked_lm``) or
+    'bernoulli' (masked in the model, each word with ``mask_prob``, 80/10/10)."""
+    special = (tokenizer.pad_id, tokenizer.unk_id, tokenizer.sos_id, tokenizer.eos_id,
+               tokenizer.mask_id)
     return MaskedLMModel(visual, _head(textual, visual, tokenizer), mask_idx=tokenizer.mask_id,
-                         vocab_size=tokenizer.vocab_size, mask_prob=mask_prob)
+                         vocab_size=tokenizer.vocab_size, mask_prob=mask_prob,
+                         special_ids=special, masking=masking)
 
 
 @hookimpl

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from virtex.data.readers import read_coco_captions, read_coco_labels
+from virtex.data.masking import CaptionMasking
+from virtex.data.readers import read_coco_captions, read_coco_instance_labels
 from virtex.data.tokenizer import SentencePieceTokenizer
 from virtex.data.transforms import load_image, open_image, to_float_tensor
 
@@ -44,13 +46,22 @@ class CocoCaptionsDataset(Dataset):
     before the caption is tokenised. Items: ``image`` float (3, H, W),
     ``caption_tokens`` [SOS] w1 .. wn [EOS] cut to its first ``max_caption_length`` ids (a
     long caption loses [EOS], as in the original), ``noitpac_tokens`` the exact reverse
-    ([EOS] wn .. w1 [SOS]), ``caption_lengths``, ``image_id`` and, with
-    ``labels_from_instances``, ``labels`` (multi-hot over the instance categories).
+    ([EOS] wn .. w1 [SOS]), ``caption_lengths``, ``image_id``.
+
+    With ``labels_from_instances``, ``labels``: the image's distinct instance categories as
+    int64 class ids 1..K (the instances file's ``categories`` order; 0 is background and
+    padding), as the original VirTex multilabel dataset; images without any instance are
+    dropped unless ``keep_unlabelled`` (then their ``labels`` is empty).
+
+    With ``masking`` (masked LM), ``caption_tokens`` is the masked caption and
+    ``masked_labels`` holds the original ids at the [MASK]ed positions, ``pad_id``
+    elsewhere; the masking draws from Python's :mod:`random` after the caption is drawn.
     """
 
     def __init__(self, root: str | Path, split: str, tokenizer: SentencePieceTokenizer,
                  transform: Transform | None, max_caption_length: int = 30,
-                 labels_from_instances: bool = False) -> None:
+                 labels_from_instances: bool = False, keep_unlabelled: bool = False,
+                 masking: CaptionMasking | None = None) -> None:
         if max_caption_length < 3:
             raise ValueError(f"max_caption_length={max_caption_length}: need room for "
                              "[SOS], one token and [EOS]")
@@ -58,10 +69,13 @@ class CocoCaptionsDataset(Dataset):
         self.tokenizer = tokenizer
         self.transform = transform
         self.max_caption_length = max_caption_length
-        self.labels: dict[int, np.ndarray] | None = None
+        self.masking = masking
+        self.labels: dict[int, list[int]] | None = None
         self.categories: list[str] = []
         if labels_from_instances:
-            self.labels, self.categories = read_coco_labels(root, split)
+            self.labels, self.categories = read_coco_instance_labels(root, split)
+            if not keep_unlabelled:
+                self.records = [r for r in self.records if self.labels.get(r.image_id)]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -84,11 +98,13 @@ class CocoCaptionsDataset(Dataset):
             "caption_lengths": torch.tensor(len(forward), dtype=torch.long),
             "image_id": torch.tensor(record.image_id, dtype=torch.long),
         }
+        if self.masking is not None:
+            masked, labels = self.masking(forward, random, self.tokenizer.mask_id,
+                                          self.tokenizer.vocab_size, self.tokenizer.pad_id)
+            item["caption_tokens"] = torch.tensor(masked, dtype=torch.long)
+            item["masked_labels"] = torch.tensor(labels, dtype=torch.long)
         if self.labels is not None:
-            label = self.labels.get(record.image_id)
-            if label is None:  # in the captions file, not in the instances file
-                label = np.zeros(len(self.categories), dtype=np.float32)
-            item["labels"] = torch.from_numpy(label)
+            item["labels"] = torch.tensor(self.labels.get(record.image_id, []), dtype=torch.long)
         return item
 
 
@@ -104,8 +120,19 @@ def collate_captions(batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0
     for key in ("caption_tokens", "noitpac_tokens"):
         out[key] = torch.nn.utils.rnn.pad_sequence(
             [b[key] for b in batch], batch_first=True, padding_value=pad_id).long()
-    if all("labels" in b for b in batch):
-        out["labels"] = torch.stack([b["labels"] for b in batch]).float()
+    if all("masked_labels" in b for b in batch):
+        out["masked_labels"] = torch.nn.utils.rnn.pad_sequence(
+            [b["masked_labels"] for b in batch], batch_first=True, padding_value=pad_id).long()
+    if all("labels" in b for b in batch):  # class ids 1..K; 0 (background) pads
+        out["labels"] = _pad_labels([b["labels"] for b in batch])
+    return out
+
+
+def _pad_labels(labels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Right-pad 1-D label-id tensors with 0 to the longest (at least one column)."""
+    out = torch.zeros(len(labels), max([1, *(len(x) for x in labels)]), dtype=torch.long)
+    for row, x in zip(out, labels):
+        row[: len(x)] = x
     return out
 
 

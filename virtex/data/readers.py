@@ -182,6 +182,29 @@ def read_coco_labels(root: str | Path, split: str = "train2017"
     return labels, names
 
 
+def read_coco_instance_labels(root: str | Path, split: str = "train2017"
+                              ) -> tuple[dict[int, list[int]], list[str]]:
+    """The original VirTex multilabel targets from ``root/annotations/instances_{split}.json``.
+
+    Category ids are renumbered 1..K in the order of the file's ``categories`` list
+    (0 is background); returns ``({image_id: sorted distinct class ids}, category names
+    in that order)`` for the images with at least one instance only.
+    """
+    root = Path(root)
+    path = root / "annotations" / f"instances_{split}.json"
+    data = _load_json(path, _COCO_LAYOUT.format(kind="instances"))
+    cats = _list_field(data, "categories", path)
+    _categories(cats, path)  # checks ids and names
+    index = {c["id"]: k for k, c in enumerate(cats, start=1)}
+    names = [c["name"] for c in cats]
+    images = _image_table(_list_field(data, "images", path), path)
+    found: dict[int, set[int]] = {}
+    for _, _, image_id, k in _annotations(_list_field(data, "annotations", path), path, images,
+                                          index):
+        found.setdefault(image_id, set()).add(k)
+    return {i: sorted(found[i]) for i in sorted(found)}, names
+
+
 # ----------------------------------------------------------------------------- VOC
 def _read_lines(path: Path, what: str) -> list[tuple[int, str]]:
     if not path.is_file():

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from virtex.errors import UserError
 from virtex.models import decoding
 from virtex.models.textual import TransformerTextualHead
 from virtex.models.visual import ResNetBackbone
@@ -17,6 +18,31 @@ from virtex.models.visual import ResNetBackbone
 def _rand(shape: tuple, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     device = generator.device if generator is not None else like.device
     return torch.rand(shape, generator=generator, device=device).to(like.device)
+
+
+def _multi_hot(ids: torch.Tensor, size: int, ignore: Sequence[int]) -> torch.Tensor:
+    """(N, M) integer ids -> (N, size) bool: the distinct ids of each row, ``ignore`` removed."""
+    bag = torch.zeros(ids.size(0), size, dtype=torch.bool, device=ids.device)
+    bag.scatter_(1, ids, True)
+    bag[:, list(ignore)] = False
+    return bag
+
+
+def set_softmax_loss(logits: torch.Tensor, bag: torch.Tensor) -> torch.Tensor:
+    """The original VirTex classification loss: per row, minus the mean log-softmax over
+    the classes in ``bag`` (N, C) bool; summed over rows and divided by N.
+
+    A row with an empty ``bag`` contributes 0 (the original gives NaN for the batch).
+    """
+    logp = F.log_softmax(logits.float(), dim=1)
+    per_row = -torch.where(bag, logp, 0.0).sum(1) / bag.sum(1).clamp_min(1)
+    return per_row.sum() / logits.size(0)
+
+
+def _check_loss(loss: str, where: str) -> None:
+    if loss not in ("softmax", "bce"):
+        raise UserError(f"{where}.loss: unknown '{loss}', expected 'softmax' (the original "
+                        "VirTex loss) or 'bce'")
 
 
 class CaptioningModel(nn.Module):
@@ -122,13 +148,13 @@ class BicaptioningModel(CaptioningModel):
 
 
 class TokenClassificationModel(nn.Module):
-    """Predict the bag of caption words from the pooled image features.
+    """Predict the bag of caption words from the globally average-pooled image features.
 
-    Target: multi-hot over the vocabulary of the caption's tokens, special tokens in
-    ``ignore_indices`` removed. Loss: multi-label binary cross-entropy with logits,
-    averaged over images and vocabulary entries. (The original VirTex code used a
-    softmax cross-entropy against the uniform distribution over the caption's tokens;
-    BCE is chosen here so every word is an independent yes/no target.)
+    Head: one Linear (features -> vocabulary). ``loss="softmax"`` (the original VirTex
+    loss, default): per image minus the mean log-softmax at the distinct ids of its
+    caption tokens, ``ignore_indices`` (padding/unknown, [SOS], [EOS], [MASK]) removed;
+    summed over images / batch size. ``loss="bce"``: multi-label binary cross-entropy
+    against the same bag as a multi-hot, averaged over images and vocabulary entries.
     """
 
     def __init__(
@@ -136,49 +162,99 @@ class TokenClassificationModel(nn.Module):
         visual: ResNetBackbone,
         vocab_size: int,
         ignore_indices: Sequence[int] = (0, 2, 3, 1, 4),
+        loss: str = "softmax",
     ):
         super().__init__()
+        _check_loss(loss, "tasks.token_classification")
         self.visual = visual
         self.vocab_size = vocab_size
         self.ignore_indices = tuple(ignore_indices)
+        self.loss = loss
         self.classifier = nn.Linear(visual.out_channels, vocab_size)
 
     def targets(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, T) caption tokens -> (N, V) multi-hot bag of words."""
-        bag = torch.zeros(tokens.size(0), self.vocab_size, device=tokens.device)
-        bag.scatter_(1, tokens, 1.0)
-        bag[:, list(self.ignore_indices)] = 0.0
-        return bag
+        """(N, T) caption tokens -> (N, V) float multi-hot bag of words."""
+        return _multi_hot(tokens, self.vocab_size, self.ignore_indices).float()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:
         logits = self.classifier(self.visual.pooled(batch["image"]))
-        target = self.targets(batch["caption_tokens"]).to(logits.dtype)
-        loss = F.binary_cross_entropy_with_logits(logits, target)
+        bag = _multi_hot(batch["caption_tokens"], self.vocab_size, self.ignore_indices)
+        if self.loss == "softmax":
+            loss = set_softmax_loss(logits, bag)
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits, bag.to(logits.dtype))
         return {"loss": loss, "losses": {"token_classification": loss.detach()}}
 
 
 class MultilabelClassificationModel(nn.Module):
-    """Pooled features -> Linear -> BCE-with-logits against multi-hot ``batch["labels"]``."""
+    """Predict an image's COCO instance categories from its pooled features.
 
-    def __init__(self, visual: ResNetBackbone, num_classes: int):
+    ``batch["labels"]``: (N, M) class ids 1..K padded with 0 (background), see
+    :class:`~virtex.data.datasets.CocoCaptionsDataset`. Head: one Linear with
+    ``num_classes`` = K + 1 outputs (81 for COCO, as the original). ``loss="softmax"``
+    (original, default): the set loss of :func:`set_softmax_loss`, only 0 ignored.
+    ``loss="bce"``: binary cross-entropy of outputs 1..K against the multi-hot labels
+    (output 0 unused), averaged over images and classes.
+    """
+
+    def __init__(self, visual: ResNetBackbone, num_classes: int, loss: str = "softmax"):
         super().__init__()
+        _check_loss(loss, "tasks.multilabel_classification")
+        if num_classes < 2:
+            raise UserError(f"tasks.multilabel_classification.num_classes={num_classes}: "
+                            "expected background + at least one category")
         self.visual = visual
+        self.num_classes = num_classes
+        self.loss = loss
         self.classifier = nn.Linear(visual.out_channels, num_classes)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:
+        labels = batch["labels"]
+        if labels.is_floating_point() or (labels.numel() and int(labels.max()) >= self.num_classes):
+            raise UserError(
+                "tasks.multilabel_classification: batch['labels'] must be integer class ids "
+                f"0..{self.num_classes - 1} (0 = background); got {labels.dtype} up to "
+                f"{labels.max().item() if labels.numel() else None}: raise num_classes to the "
+                "number of categories + 1")
         logits = self.classifier(self.visual.pooled(batch["image"]))
-        loss = F.binary_cross_entropy_with_logits(logits, batch["labels"].to(logits.dtype))
+        bag = _multi_hot(labels, self.num_classes, (0,))
+        if self.loss == "softmax":
+            loss = set_softmax_loss(logits, bag)
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits[:, 1:], bag[:, 1:].to(logits.dtype))
         return {"loss": loss, "losses": {"multilabel_classification": loss.detach()}}
 
 
-class MaskedLMModel(nn.Module):
-    """BERT-style masked language modelling of captions, conditioned on the image.
+def bidirectional_logits(head: TransformerTextualHead, tokens: torch.Tensor,
+                         memory: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(N, T) tokens -> (N, T, V) logits with no future mask, keys past ``lengths`` masked.
 
-    Of each caption's word positions (not [SOS]/[EOS]/padding) about ``mask_prob`` are
-    chosen (each independently, plus at least one per caption); chosen tokens become
-    [MASK] (80%), a random non-special token (10%) or stay unchanged (10%). The head
-    attends bidirectionally; the loss is cross-entropy on the chosen positions only.
-    Randomness comes from ``generator`` if given, else torch's global RNG.
+    As the original masked-LM head: the key mask comes from the caption lengths, so a
+    token randomly replaced by the padding id inside a caption is still attended to.
+    """
+    x = head.embedding(tokens)
+    positions = torch.arange(tokens.size(1), device=tokens.device)
+    mask = (positions[None, :] < lengths.to(tokens.device)[:, None])[:, None, None, :]
+    for layer in head.layers:
+        x = layer(x, layer.cross_attn.project_kv(memory), mask)
+    return head.output(x)
+
+
+class MaskedLMModel(nn.Module):
+    """Masked language modelling of captions conditioned on the image (bidirectional head).
+
+    ``masking="dataset"`` (the original VirTex, default): the data pipeline masked the
+    captions (:class:`~virtex.data.masking.CaptionMasking`; set
+    ``datasets.coco_captions.masked_lm = True``) and the batch carries ``masked_labels``;
+    the loss is cross-entropy, at the same position (no shift), over the positions whose
+    label is not padding, i.e. the [MASK]ed ones. A batch without any gives loss 0 (and
+    weight 0) instead of the original's NaN, so training goes on without a gradient.
+
+    ``masking="bernoulli"`` (our earlier variant): the model masks unmasked captions
+    itself: each word position (not [SOS]/[EOS]/padding) is chosen with ``mask_prob``,
+    at least one per caption; chosen tokens become [MASK] (80%), a random non-special
+    token (10%) or stay (10%); the loss covers every chosen position. Randomness comes
+    from ``generator`` if given, else torch's global RNG.
     """
 
     def __init__(
@@ -190,14 +266,19 @@ class MaskedLMModel(nn.Module):
         mask_prob: float = 0.15,
         special_ids: Sequence[int] = (0, 1, 2, 3, 4),
         generator: torch.Generator | None = None,
+        masking: str = "dataset",
     ):
         super().__init__()
+        if masking not in ("dataset", "bernoulli"):
+            raise UserError(f"tasks.masked_lm.masking: unknown '{masking}', expected 'dataset' "
+                            "(the original) or 'bernoulli'")
         self.visual = visual
         self.textual = textual
         self.mask_idx = mask_idx
         self.vocab_size = vocab_size or textual.vocab_size
         self.mask_prob = mask_prob
         self.generator = generator
+        self.masking = masking
         special = set(special_ids) | {mask_idx, textual.padding_idx}
         replacements = [i for i in range(self.vocab_size) if i not in special]
         self.register_buffer("replacements", torch.tensor(replacements), persistent=False)
@@ -208,7 +289,7 @@ class MaskedLMModel(nn.Module):
         lengths: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (masked tokens, chosen) where ``chosen`` (N, T) marks predicted positions."""
+        """The ``bernoulli`` masking: (masked tokens, ``chosen`` (N, T) predicted positions)."""
         generator = generator or self.generator
         positions = torch.arange(tokens.size(1), device=tokens.device)
         words = (positions >= 1) & (positions[None, :] <= lengths[:, None] - 2)
@@ -223,9 +304,28 @@ class MaskedLMModel(nn.Module):
         masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, masked)
         return masked, chosen
 
+    def masked_lm_loss(self, logits: torch.Tensor, labels: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, number of labelled positions): cross-entropy over positions whose label
+        is not padding, 0 when there is none."""
+        padding = self.textual.padding_idx
+        count = (labels != padding).sum()
+        total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                ignore_index=padding, reduction="sum")
+        return total / count.clamp_min(1), count
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:
-        tokens = batch["caption_tokens"]
-        masked, chosen = self.mask_tokens(tokens, batch["caption_lengths"])
-        logits = self.textual(self.visual(batch["image"]), masked, causal=False)
-        loss = F.cross_entropy(logits[chosen], tokens[chosen])
-        return {"loss": loss, "losses": {"masked_lm": loss.detach()}, "weight": chosen.sum()}
+        tokens, lengths = batch["caption_tokens"], batch["caption_lengths"]
+        if self.masking == "bernoulli":
+            masked, chosen = self.mask_tokens(tokens, lengths)
+            labels = torch.where(chosen, tokens, self.textual.padding_idx)
+        elif "masked_labels" in batch:
+            masked, labels = tokens, batch["masked_labels"]
+        else:
+            raise UserError("tasks.masked_lm: the batch has no 'masked_labels'; mask the "
+                            "captions in the dataset (datasets.coco_captions.masked_lm = True) "
+                            "or use tasks.masked_lm.masking = 'bernoulli'")
+        memory = self.textual.encode_visual(self.visual(batch["image"]))
+        logits = bidirectional_logits(self.textual, masked, memory, lengths)
+        loss, count = self.masked_lm_loss(logits, labels)
+        return {"loss": loss, "losses": {"masked_lm": loss.detach()}, "weight": count}
