@@ -1,4 +1,4 @@
-"""COCO captioning evaluation (specs/downstream/coco_captioning.gin): caption metrics, the
+"""COCO captioning evaluation (specs/downstream/captioning.gin): caption metrics, the
 coco_captioning evaluator on single checkpoints and sweeps, checkpoint checks."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from virtex.evaluation.caption_model import load_captioning_checkpoint
 from virtex.models.visual import ResNetBackbone
 from virtex.run import main
 
-SPEC = str(REPO / "specs" / "downstream" / "coco_captioning.gin")
+SPEC = str(REPO / "specs" / "downstream" / "captioning.gin")
 SPICE_WARNING = re.compile(r"virtex: warning: SPICE skipped: .*stanford-corenlp-3\.6\.0\.jar.*")
 CAPTIONS = {
     1: "a red circle above a blue square",

@@ -31,7 +31,9 @@ from virtex.checkpoint import list_checkpoints
 from virtex.models.visual import ResNetBackbone
 from virtex.run import main
 
-TASKS = {"coco": "coco_instance_seg", "lvis": "lvis_instance_seg", "voc": "voc_detection"}
+TASKS = {"coco": "coco_instance_seg", "lvis": "lvis_instance_seg", "voc": "voc_detection"}  # evaluators
+SPECS = {"coco": "specs/downstream/coco.gin", "lvis": "specs/downstream/lvis.gin",
+         "voc": "specs/downstream/voc_det.gin"}
 
 # Tiny everything: 2 steps of 2 images at 64 px, few proposals and detections.
 TINY = dict(max_steps=2, batch_size=2, min_size_train=(64,), min_size_test=64, max_size=128,
@@ -61,7 +63,7 @@ def params(task: str, root: Path, backend: str = "torchvision", backbone: str = 
 def run_spec(task: str, root: Path, run_dir: Path, **kwargs) -> dict[str, float]:
     threads = torch.get_num_threads()
     try:
-        rc = main([f"specs/downstream/{TASKS[task]}.gin", "--run_dir", str(run_dir),
+        rc = main([SPECS[task], "--run_dir", str(run_dir),
                    *params(task, root, **kwargs)])
     finally:
         torch.set_num_threads(threads)
@@ -257,7 +259,7 @@ def test_resnet50_fpn_one_iteration(shapes_root, tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_evaluates_every_image_once(shapes_root, tmp_path):
     run_dir = tmp_path / "ddp"
-    res = run_cli(f"specs/downstream/{TASKS['voc']}.gin", "--gpus", "2", "--run_dir",
+    res = run_cli(SPECS["voc"], "--gpus", "2", "--run_dir",
                   str(run_dir), *params("voc", shapes_root), env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "2 process(es)" in (run_dir / "log.txt").read_text()
@@ -269,7 +271,7 @@ def test_two_process_ddp_evaluates_every_image_once(shapes_root, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 def _error(capsys, task: str, root: Path, run_dir: Path, *extra: str, **kwargs) -> str:
-    rc = main([f"specs/downstream/{TASKS[task]}.gin", "--run_dir", str(run_dir),
+    rc = main([SPECS[task], "--run_dir", str(run_dir),
                *params(task, root, **kwargs), *extra])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("virtex: error: ") and err.count("\n") == 1, err

@@ -2,7 +2,7 @@
 
 - ``evaluators.caption_samples``: a few held-out images beside their references.
 - ``evaluators.coco_captioning``: COCO val2017 captions scored with BLEU, METEOR, ROUGE-L,
-  CIDEr and SPICE (specs/downstream/coco_captioning.gin).
+  CIDEr and SPICE (specs/downstream/captioning.gin).
 - ``evaluators.caption_folder``: ``captions.json`` and an HTML gallery for every image of a
   folder (specs/inference/caption_folder.gin).
 
