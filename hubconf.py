@@ -4,6 +4,13 @@
 a published VirTex checkpoint, or a backbone exported by ``python -m virtex.tools.export``
 (``.pt`` or ``.safetensors``). A URL is fetched only when the caller passes one.
 Without ``weights`` the ResNet is randomly initialised. Needs only torch and torchvision.
+
+As the original VirTex hub entries, each returns a torchvision ResNet whose ``avgpool`` and
+``fc`` are ``nn.Identity``: a feature extractor, not a classifier. Calling it on an
+``(N, 3, H, W)`` batch returns the layer4 feature map *flattened* by torchvision's forward:
+shape ``(N, C * h * w)`` with ``C = 2048`` (ResNet-50/101, wide ResNet-50 2x) and
+``h, w = ceil(H / 32), ceil(W / 32)``, i.e. ``(N, 100352)`` for 224 x 224 images. Recover the
+spatial grid with ``out.view(N, C, h, w)`` and global-average-pool with ``.mean((2, 3))``.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ def _resnet(arch: str, weights: str | None, progress: bool):
     import torchvision
 
     model = getattr(torchvision.models, arch)(weights=None)
+    model.avgpool, model.fc = torch.nn.Identity(), torch.nn.Identity()  # features out
     if weights is None:
         return model
     if str(weights).startswith(("http://", "https://")):  # explicit opt-in by the caller
@@ -33,25 +41,29 @@ def _resnet(arch: str, weights: str | None, progress: bool):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if "conv1.weight" not in state:
         raise ValueError(f"{weights}: no ResNet weights (expected 'visual.cnn.*' or plain keys)")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # no classifier here
     own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith("fc.")
-               and not k.endswith("num_batches_tracked")]
-    if missing:
-        raise ValueError(f"{weights}: does not fit torchvision {arch}; missing {missing[:3]}")
-    model.load_state_dict(state, strict=False)  # a published checkpoint has no fc
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{weights}: does not fit torchvision {arch}; missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    model.load_state_dict(state, strict=False)  # num_batches_tracked may be absent
     return model
 
 
 def resnet50(weights: str | None = None, progress: bool = True, **kwargs):
-    """The VirTex-pretrained ResNet-50 visual backbone as a torchvision ResNet-50."""
+    """The VirTex-pretrained ResNet-50 visual backbone: a torchvision ResNet-50 with
+    ``avgpool`` and ``fc`` replaced by ``nn.Identity``; returns flattened (N, 2048*h*w)
+    layer4 features (see the module docstring)."""
     return _resnet("resnet50", weights, progress)
 
 
 def resnet101(weights: str | None = None, progress: bool = True, **kwargs):
-    """A VirTex-pretrained ResNet-101 backbone."""
+    """A VirTex-pretrained ResNet-101 backbone (``avgpool``, ``fc``: ``nn.Identity``)."""
     return _resnet("resnet101", weights, progress)
 
 
 def wide_resnet50_2(weights: str | None = None, progress: bool = True, **kwargs):
-    """A VirTex-pretrained wide ResNet-50 2x backbone."""
+    """A VirTex-pretrained wide ResNet-50 2x backbone (``avgpool``, ``fc``: ``nn.Identity``)."""
     return _resnet("wide_resnet50_2", weights, progress)

@@ -1,4 +1,4 @@
-"""COCO captioning evaluation (specs/downstream/coco_captioning.gin): caption metrics, the
+"""COCO captioning evaluation (specs/downstream/captioning.gin): caption metrics, the
 coco_captioning evaluator on single checkpoints and sweeps, checkpoint checks."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from virtex.evaluation.caption_model import load_captioning_checkpoint
 from virtex.models.visual import ResNetBackbone
 from virtex.run import main
 
-SPEC = str(REPO / "specs" / "downstream" / "coco_captioning.gin")
+SPEC = str(REPO / "specs" / "downstream" / "captioning.gin")
 SPICE_WARNING = re.compile(r"virtex: warning: SPICE skipped: .*stanford-corenlp-3\.6\.0\.jar.*")
 CAPTIONS = {
     1: "a red circle above a blue square",
@@ -76,7 +76,13 @@ def tiny_model(tiny: dict):
                         textual=functools.partial(transformer, size="L1_H64_A2_F128"))
 
 
+# the PTB tokenizer and METEOR of pycocoevalcap run on Java
+JAVA = pytest.mark.requires("java", how="install a Java runtime (e.g. apt-get install -y "
+                                        "default-jre) for pycocoevalcap's tokenizer and METEOR")
+
+
 # ----------------------------------------------------------------------------- metrics
+@JAVA
 def test_perfect_predictions_score_at_the_maxima_and_spice_is_skipped_once(capfd, fresh_warning,
                                                                          tmp_path):
     # the references differ from the prediction only in case and punctuation, which the
@@ -86,15 +92,15 @@ def test_perfect_predictions_score_at_the_maxima_and_spice_is_skipped_once(capfd
     scores = score_captions([{"image_id": k, "caption": c} for k, c in CAPTIONS.items()],
                             references, spice_jar_dir=tmp_path)  # a folder without the jars
     assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
-    for n in range(1, 5):
-        assert scores[f"BLEU-{n}"] == pytest.approx(1.0, abs=1e-6)
-    assert scores["METEOR"] == pytest.approx(1.0, abs=1e-3)
-    assert scores["ROUGE-L"] == pytest.approx(1.0, abs=1e-9)
-    assert scores["CIDEr"] == pytest.approx(10.0, abs=1e-6)  # CIDEr-D's maximum
+    for n in range(1, 5):  # the paper's scale: 100 x pycocoevalcap's
+        assert scores[f"BLEU-{n}"] == pytest.approx(100.0, abs=1e-4)
+    assert scores["METEOR"] == pytest.approx(100.0, abs=1e-1)
+    assert scores["ROUGE-L"] == pytest.approx(100.0, abs=1e-7)
+    assert scores["CIDEr"] == pytest.approx(1000.0, abs=1e-4)  # 100 x CIDEr-D's maximum 10
 
     shifted = {k: CAPTIONS[k % 4 + 1] for k in CAPTIONS}  # every image gets another's caption
     worse = score_captions(shifted, references, spice_jar_dir=tmp_path)
-    assert worse["CIDEr"] < 2.0 and worse["BLEU-4"] < 0.5 and worse["METEOR"] < 0.5
+    assert worse["CIDEr"] < 200.0 and worse["BLEU-4"] < 50.0 and worse["METEOR"] < 50.0
     warnings = SPICE_WARNING.findall(capfd.readouterr().err)
     assert len(warnings) == 1 and str(tmp_path) in warnings[0]
 
@@ -102,6 +108,29 @@ def test_perfect_predictions_score_at_the_maxima_and_spice_is_skipped_once(capfd
 def test_bad_prediction_ids_are_a_user_error():
     with pytest.raises(UserError, match="without reference captions: \\[7\\]"):
         score_captions({7: "a red circle"}, {1: ["a red circle"]}, spice=False)
+
+
+@JAVA
+def test_scores_are_100_times_pycocoevalcap_the_papers_scale():
+    """A constructed case: lower-case captions without punctuation (the PTB tokenizer leaves
+    them as they are), CIDEr-D computed by pycocoevalcap itself on the same strings."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    references = {1: ["a red circle on the left", "a red ring"],
+                  2: ["two blue squares", "blue squares side by side"],
+                  3: ["a green triangle above a circle", "a small green triangle"]}
+    predictions = {1: "a red circle", 2: "two blue circles", 3: "a green square"}
+    gts, res = references, {k: [v] for k, v in predictions.items()}
+    cider = Cider().compute_score(gts, res)[0]
+    bleu1 = Bleu(4).compute_score(gts, res, verbose=0)[0][0]
+    assert 0.5 < cider < 5 and 0 < bleu1 < 1  # a non-trivial case
+    paper = score_captions(predictions, references, spice=False)
+    assert paper["CIDEr"] == pytest.approx(100 * cider, rel=1e-12)
+    assert paper["BLEU-1"] == pytest.approx(100 * bleu1, rel=1e-12)
+    raw = score_captions(predictions, references, spice=False, scale=1.0)
+    assert raw["CIDEr"] == pytest.approx(cider, rel=1e-12)
+    assert paper == pytest.approx({k: 100 * v for k, v in raw.items()}, rel=1e-12)
 
 
 def test_spice_jars_are_looked_for_where_configured(tmp_path, monkeypatch):
@@ -115,6 +144,7 @@ def test_spice_jars_are_looked_for_where_configured(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@JAVA
 def test_scores_equal_pycocoevalcap_run_its_own_way(shapes_root):
     """Our tokenizer call and METEOR client against pycocoevalcap's own classes."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -140,11 +170,13 @@ def test_scores_equal_pycocoevalcap_run_its_own_way(shapes_root):
                  "ROUGE-L": Rouge().compute_score(gts, res)[0],
                  "CIDEr": Cider().compute_score(gts, res)[0]}
     del meteor
-    assert ours == pytest.approx(reference, rel=1e-12, abs=1e-12)
-    assert 0 < ours["CIDEr"] < 10
+    assert ours == pytest.approx({k: 100 * v for k, v in reference.items()}, rel=1e-12,
+                                 abs=1e-10)
+    assert 0 < ours["CIDEr"] < 1000
 
 
 # ----------------------------------------------------------------------------- evaluator
+@JAVA
 def test_coco_captioning_on_one_checkpoint(tiny, tmp_path, monkeypatch, capfd, fresh_warning):
     monkeypatch.setenv("VIRTEX_CACHE", str(tiny["cache"]))
     ckpt = tiny["checkpoints"] / "step_0000004.pt"
@@ -173,6 +205,7 @@ def test_coco_captioning_on_one_checkpoint(tiny, tmp_path, monkeypatch, capfd, f
     assert [p["caption"] for p in predictions] == expected
 
 
+@JAVA
 def test_coco_captioning_sweeps_a_checkpoint_directory(tiny, tmp_path, monkeypatch, capfd,
                                                        fresh_warning):
     monkeypatch.setenv("VIRTEX_CACHE", str(tiny["cache"]))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,9 @@ from virtex.checkpoint import list_checkpoints
 from virtex.models.visual import ResNetBackbone
 from virtex.run import main
 
-TASKS = {"coco": "coco_instance_seg", "lvis": "lvis_instance_seg", "voc": "voc_detection"}
+TASKS = {"coco": "coco_instance_seg", "lvis": "lvis_instance_seg", "voc": "voc_detection"}  # evaluators
+SPECS = {"coco": "specs/downstream/coco.gin", "lvis": "specs/downstream/lvis.gin",
+         "voc": "specs/downstream/voc_det.gin"}
 
 # Tiny everything: 2 steps of 2 images at 64 px, few proposals and detections.
 TINY = dict(max_steps=2, batch_size=2, min_size_train=(64,), min_size_test=64, max_size=128,
@@ -61,7 +62,7 @@ def params(task: str, root: Path, backend: str = "torchvision", backbone: str = 
 def run_spec(task: str, root: Path, run_dir: Path, **kwargs) -> dict[str, float]:
     threads = torch.get_num_threads()
     try:
-        rc = main([f"specs/downstream/{TASKS[task]}.gin", "--run_dir", str(run_dir),
+        rc = main([SPECS[task], "--run_dir", str(run_dir),
                    *params(task, root, **kwargs)])
     finally:
         torch.set_num_threads(threads)
@@ -216,6 +217,7 @@ def test_coco_spec_trains_evaluates_and_resumes(shapes_root, tmp_path):
     m = run_spec("coco", shapes_root, run_dir)
     _finite(m, [f"coco/{t}_{k}" for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")])
     assert m["coco/images"] == val_images(shapes_root)
+    assert m["coco/backend_detectron2"] == 0.0  # the backend used, in metrics.json
     (work,) = (run_dir / "detection").iterdir()
     assert [p.name for p in list_checkpoints(work)] == ["step_0000001.pt", "step_0000002.pt"]
     log = (run_dir / "log.txt").read_text()
@@ -257,7 +259,7 @@ def test_resnet50_fpn_one_iteration(shapes_root, tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_evaluates_every_image_once(shapes_root, tmp_path):
     run_dir = tmp_path / "ddp"
-    res = run_cli(f"specs/downstream/{TASKS['voc']}.gin", "--gpus", "2", "--run_dir",
+    res = run_cli(SPECS["voc"], "--gpus", "2", "--run_dir",
                   str(run_dir), *params("voc", shapes_root), env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "2 process(es)" in (run_dir / "log.txt").read_text()
@@ -269,7 +271,7 @@ def test_two_process_ddp_evaluates_every_image_once(shapes_root, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 def _error(capsys, task: str, root: Path, run_dir: Path, *extra: str, **kwargs) -> str:
-    rc = main([f"specs/downstream/{TASKS[task]}.gin", "--run_dir", str(run_dir),
+    rc = main([SPECS[task], "--run_dir", str(run_dir),
                *params(task, root, **kwargs), *extra])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("virtex: error: ") and err.count("\n") == 1, err
@@ -306,8 +308,75 @@ def test_unknown_voc_class_is_one_clear_error(shapes_root, tmp_path, capsys):
     assert "unicorn" in err and str(xml) in err
 
 
-def test_detectron2_backend_without_detectron2_says_how_to_install(shapes_root, tmp_path,
-                                                                   capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "detectron2", None)  # as if it were not installed
-    err = _error(capsys, "coco", shapes_root, tmp_path / "e", backend="detectron2")
-    assert "detectron2 is not installed" in err and ".ci/detectron2.sh" in err
+# ----------------------------------------------------------------------------- paper specs
+def _config(capsys, spec: str, *params: str) -> dict[str, str]:
+    """``python -m virtex.run SPEC --print_config`` as ``{binding: value}``."""
+    assert main([spec, "--print_config", *[a for p in params for a in ("--gin_param", p)]]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines()
+             if " = " in ln and not ln.startswith("#")]
+    return dict(ln.split(" = ", 1) for ln in lines)
+
+
+def test_paper_detection_specs_use_detectron2(capsys):
+    for task, spec in SPECS.items():
+        config = _config(capsys, spec, "ckpt=x.pt")
+        assert config["backend"] == "'detectron2'", task
+        assert config[f"{TASKS[task]}.backend"] == "%backend", task
+        assert config[f"{TASKS[task]}.norm"] == "'SyncBN'", task
+
+
+def test_lvis_imagenet_init_spec_is_lvis_with_frozen_bn_and_no_fpn_norm(capsys):
+    base = _config(capsys, SPECS["lvis"], "ckpt=r50.pth")
+    config = _config(capsys, "downstream/lvis_imagenet_init", "ckpt=r50.pth")  # by name
+    changed = {k: v for k, v in config.items() if base.get(k) != v}
+    assert changed == {"weight_init": "'torchvision'", "lvis_instance_seg.norm": "'FrozenBN'",
+                       "lvis_instance_seg.fpn_norm": "None"}
+    assert set(base) == set(config)  # nothing of lvis.gin is lost (detectron2, schedule, ...)
+    assert base["weight_init"] == "'virtex'" and base["lvis_instance_seg.fpn_norm"] == "'SyncBN'"
+
+
+def test_frozen_bn_without_fpn_norm_has_no_trainable_norm(tmp_path):
+    cnn = _virtex_checkpoint(tmp_path / "x.pt")
+    det = build_detector(Settings(norm="FrozenBN", fpn_norm=None, num_classes=3), "resnet18", cnn)
+    kinds = {type(m).__name__ for m in det.modules()}
+    assert "FrozenBatchNorm2d" in kinds and not kinds & {"BatchNorm2d", "SyncBN", "SyncBatchNorm"}
+    bn1 = det.backbone.body.bn1
+    assert torch.equal(bn1.weight, cnn["bn1.weight"]) and torch.equal(bn1.running_var,
+                                                                      cnn["bn1.running_var"])
+
+
+def _without_detectron2(tmp_path: Path) -> Path:
+    """A folder that, first on PYTHONPATH, makes ``import detectron2`` fail as if it were
+    not installed (the same ModuleNotFoundError), whatever the environment has."""
+    shadow = tmp_path / "no_detectron2"
+    (shadow / "detectron2").mkdir(parents=True)
+    (shadow / "detectron2" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'detectron2'\", name='detectron2')\n")
+    return shadow
+
+
+def test_paper_spec_without_detectron2_is_one_error_saying_how_to_install(shapes_root, tmp_path):
+    shadow = _without_detectron2(tmp_path)
+    run_dir = tmp_path / "run"
+    args = params("coco", shapes_root)
+    i = args.index("backend=torchvision")
+    del args[i - 1: i + 1]  # the spec's own backend: detectron2
+    res = run_cli(SPECS["coco"], "--run_dir", str(run_dir), *args, pythonpath=[shadow])
+    assert res.returncode == 2, res.stderr[-2000:]
+    err = res.stderr
+    assert err.startswith("virtex: error: ") and err.count("\n") == 1, err
+    assert "coco_instance_seg.backend = 'detectron2'" in err and "not installed" in err
+    assert "bash .ci/detectron2.sh" in err and "--gin_param backend=torchvision" in err
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_auto_backend_without_detectron2_records_torchvision(shapes_root, tmp_path):
+    shadow = _without_detectron2(tmp_path)
+    run_dir = tmp_path / "run"
+    res = run_cli(SPECS["voc"], "--run_dir", str(run_dir),
+                  *params("voc", shapes_root, backend="auto", max_steps=1),
+                  pythonpath=[shadow], env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["voc_det/backend_detectron2"] == 0.0
+    assert "voc_detection: torchvision backend" in (run_dir / "summary.md").read_text()

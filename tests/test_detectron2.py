@@ -99,12 +99,34 @@ def test_backbone_weights_fill_detectron2_model(tmp_path, arch, backbone):
     assert cfg.INPUT.FORMAT == "RGB" and list(cfg.MODEL.PIXEL_STD) == [58.395, 57.12, 57.375]
 
 
+def test_frozen_bn_and_no_fpn_norm_in_detectron2(tmp_path):
+    """The LVIS ImageNet-init baseline's model: FrozenBN backbone holding the weights, no FPN norm."""
+    from detectron2.layers import FrozenBatchNorm2d
+    from detectron2.modeling import build_model
+    from virtex.plugins.detection.detectron2_backend import build_config, d2_state, load_backbone
+
+    cnn = _virtex_checkpoint(tmp_path / "x.pt", "resnet18")
+    s = Settings(arch="mask_rcnn_fpn", num_classes=5, norm="FrozenBN", fpn_norm=None)
+    cfg = build_config(s, "resnet18", tmp_path, torch.device("cpu"), "a", "b")
+    assert cfg.MODEL.RESNETS.NORM == "FrozenBN" and cfg.MODEL.FPN.NORM == ""
+    model = build_model(cfg)
+    load_backbone(model, d2_state(cnn, "mask_rcnn_fpn"))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "FrozenBatchNorm2d" in kinds and not kinds & {"BatchNorm2d", "SyncBatchNorm",
+                                                         "NaiveSyncBatchNorm"}
+    norm = model.backbone.bottom_up.res3[1].conv2.norm
+    assert isinstance(norm, FrozenBatchNorm2d)
+    assert torch.equal(norm.running_var, cnn["layer2.1.bn2.running_var"])
+    assert torch.equal(norm.weight, cnn["layer2.1.bn2.weight"])
+
+
 def test_coco_spec_on_detectron2_trains_evaluates_and_resumes(shapes_root, tmp_path):
     run_dir = tmp_path / "coco"
     m = run_spec("coco", shapes_root, run_dir, backend="detectron2")
     _finite(m, [f"coco/{t}_{k}" for t in ("bbox", "segm") for k in ("AP", "AP50", "AP75")])
     val = json.loads((shapes_root / "coco/annotations/instances_val2017.json").read_text())
     assert m["coco/images"] == len(val["images"])
+    assert m["coco/backend_detectron2"] == 1.0  # the backend used, in metrics.json
     (work,) = (run_dir / "detection").iterdir()
     assert (work / "model_final.pth").is_file()
     log = (work / "log_rank0.txt").read_text()

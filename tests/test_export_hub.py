@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 import torchvision
 from cli import REPO
@@ -39,18 +40,32 @@ def test_export_command_writes_torchvision_state_dicts(tmp_path):
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
 
-def test_torch_hub_loads_the_pretrained_backbone_from_a_local_file(tmp_path):
+def test_torch_hub_returns_the_flattened_feature_map_as_the_original_hub_entry(tmp_path):
     backbone, ckpt = _checkpoint(tmp_path)
     model = torch.hub.load(str(REPO), "resnet50", source="local", weights=str(ckpt))
     assert isinstance(model, torchvision.models.ResNet)
-    x = torch.randn(2, 3, 64, 64)
+    assert isinstance(model.avgpool, torch.nn.Identity) and isinstance(model.fc, torch.nn.Identity)
+    x = torch.randn(2, 3, 64, 96)
     backbone.eval()
     model.eval()
     with torch.no_grad():
-        cnn = backbone.cnn
-        expected = cnn.avgpool(backbone(x)).flatten(1)
-        got = torch.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(model.layer1(
-            model.maxpool(model.relu(model.bn1(model.conv1(x))))))))), 1)
-    assert torch.allclose(got, expected)
+        grid = backbone(x)  # our backbone: the (N, 2048, h, w) layer4 map
+        out = model(x)
+    assert grid.shape == (2, 2048, 2, 3)
+    assert out.shape == (2, 2048 * 2 * 3)  # flattened, not 1000 logits
+    assert torch.allclose(out.view(2, 2048, 2, 3), grid, atol=1e-5)
+    assert torch.allclose(out.view(2, 2048, 2, 3).mean((2, 3)),
+                          backbone.cnn.avgpool(grid).flatten(1), atol=1e-5)
     random = torch.hub.load(str(REPO), "resnet50", source="local")
+    assert isinstance(random.fc, torch.nn.Identity)
     assert not torch.equal(random.conv1.weight, model.conv1.weight)
+    with torch.no_grad():
+        assert random.eval()(torch.randn(1, 3, 224, 224)).shape == (1, 2048 * 7 * 7)
+
+
+def test_torch_hub_rejects_weights_of_another_architecture(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(ValueError, match="does not fit torchvision resnet50"):
+        torch.hub.load(str(REPO), "resnet50", source="local", weights=str(path))

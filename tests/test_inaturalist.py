@@ -1,4 +1,4 @@
-"""iNaturalist 2018 fine-tuning (specs/downstream/inaturalist.gin) on the shapes iNat JSON files."""
+"""iNaturalist 2018 fine-tuning (specs/downstream/inat.gin) on the shapes iNat JSON files."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from virtex.run import main
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
-SPEC = "downstream/inaturalist"
+SPEC = "downstream/inat"
 
 
 def _args(root, run_dir, *params: str) -> list[str]:

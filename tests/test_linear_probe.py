@@ -1,4 +1,4 @@
-"""ImageNet linear probe (specs/downstream/imagenet_linear.gin) on the shapes ImageNet folders."""
+"""ImageNet linear probe (specs/downstream/imagenet.gin) on the shapes ImageNet folders."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from virtex.run import main
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
-SPEC = "downstream/imagenet_linear"
+SPEC = "downstream/imagenet"
 
 
 def _args(root, run_dir, *params: str) -> list[str]:

@@ -41,7 +41,7 @@ def test_sweep_evaluates_each_checkpoint_once_and_writes_the_curve(shapes_root, 
 
     monkeypatch.setattr(features, "extract_features", counting_extract)
     out = tmp_path / "sweep"
-    sweep = ["downstream/voc07_svm", "--run_dir", str(out), "--gin_param", f"ckpt={ckpts}/",
+    sweep = ["downstream/voc07", "--run_dir", str(out), "--gin_param", f"ckpt={ckpts}/",
              "--gin_param", "backbone=@backbones.resnet18", "--gin_param", "image_size=32",
              "--gin_param", "num_workers=0", "--gin_param", f"data_root={shapes_root / 'VOC2007'}"]
     assert main(sweep) == 0

@@ -1,4 +1,4 @@
-"""VOC07 linear SVMs (specs/downstream/voc07_svm.gin) and the frozen-feature cache."""
+"""VOC07 linear SVMs (specs/downstream/voc07.gin) and the frozen-feature cache."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from virtex.run import main
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
-SPEC = "downstream/voc07_svm"
+SPEC = "downstream/voc07"
 
 
 def _counted(backbone: torch.nn.Module) -> list[int]:

@@ -224,7 +224,7 @@ def test_guess_resnet_knows_every_backbone(name):
 
 def test_cli_checkpoint_of_another_architecture_is_one_line(files, tmp_path):
     d, _, _ = files
-    res = run_cli("specs/downstream/voc07_svm.gin", "--gin_param", "backbone=@backbones.resnet18",
+    res = run_cli("specs/downstream/voc07.gin", "--gin_param", "backbone=@backbones.resnet18",
                   "--gin_param", f"ckpt={d / 'resnet50.pth'}", "--gin_param",
                   "weight_init=torchvision", "--gin_param", f"data_root={tmp_path}",
                   "--run_dir", str(tmp_path / "run"))

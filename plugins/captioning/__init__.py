@@ -2,7 +2,7 @@
 
 - ``evaluators.caption_samples``: a few held-out images beside their references.
 - ``evaluators.coco_captioning``: COCO val2017 captions scored with BLEU, METEOR, ROUGE-L,
-  CIDEr and SPICE (specs/downstream/coco_captioning.gin).
+  CIDEr and SPICE (specs/downstream/captioning.gin).
 - ``evaluators.caption_folder``: ``captions.json`` and an HTML gallery for every image of a
   folder (specs/inference/caption_folder.gin).
 
@@ -107,7 +107,8 @@ class CocoCaptioning:
     checkpoint of a sweep) into the run directory. Returns ``coco_captioning/<metric>``
     for BLEU-1..4, METEOR, ROUGE-L, CIDEr and SPICE (skipped with a warning when the
     Stanford CoreNLP jars are not in ``spice_jar_dir``; see caption_metrics.py), on
-    pycocoevalcap's scale (CIDEr 0..10). ``num_images`` limits the images (None: all).
+    the paper's scale (100 x pycocoevalcap's: CIDEr 0..1000). ``num_images`` limits the
+    images (None: all).
     """
 
     def __init__(self, root: str, split: str = "val2017",
@@ -153,7 +154,7 @@ class CocoCaptioning:
         if not sweep:  # a sweep logs each checkpoint's metrics itself
             ctx.log(metrics)
         ctx.info(f"{name}: {len(rows)} captions; " + ", ".join(
-            f"{k} {v:.3f}" for k, v in scores.items()))
+            f"{k} {v:.2f}" for k, v in scores.items()))
         summary = ctx.extras.setdefault("summary", [])
         if self._summary and self._summary[0] in summary:  # a sweep: the latest examples only
             start = summary.index(self._summary[0])

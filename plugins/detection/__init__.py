@@ -2,16 +2,18 @@
 fine-tune a detector from the backbone, evaluate it with the official metrics.
 
 Evaluators ``coco_instance_seg``, ``lvis_instance_seg`` and ``voc_detection``; each trains
-with the ``backend`` it is given: ``'torchvision'`` (torchvision detectors, virtex's
-engine), ``'detectron2'`` (detectron2's model zoo, DefaultTrainer and evaluators: what
-the paper used) or ``'auto'`` (detectron2 when it is importable, else torchvision).
+with the ``backend`` it is given: ``'detectron2'`` (the default and the paper specs' choice:
+detectron2's model zoo, DefaultTrainer and evaluators, what the paper used; without
+detectron2 importable this is one error saying how to install it), ``'torchvision'``
+(torchvision detectors, virtex's engine) or ``'auto'`` (detectron2 when it is importable,
+else torchvision). The backend used is recorded in the metrics as
+``<prefix>/backend_detectron2`` (1.0: detectron2, 0.0: torchvision) and in ``summary.md``.
 Training checkpoints go to ``run_dir/detection/<task>-<backend>-<weights hash>``, so a
 killed run resumes there.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,13 +35,22 @@ from .datasets import (
 from .settings import ARCHS, NORMS, Settings
 
 BACKENDS = ("auto", "torchvision", "detectron2")
-D2_INSTALL = ("detectron2 is not installed: install it as in its documentation (an official "
-              "build), or run 'bash .ci/detectron2.sh' (detectron2 0.6 from PyPI, Python code "
-              "only), or use backend='torchvision'")
+D2_INSTALL = ("install it as in its documentation (an official build) or with 'bash "
+              ".ci/detectron2.sh' (detectron2 0.6, Python code only), or choose the torchvision "
+              "detectors knowingly with --gin_param backend=torchvision (not the paper's protocol)")
+
+
+def detectron2_missing() -> str | None:
+    """Why detectron2 cannot be imported (None: it can)."""
+    try:
+        import detectron2  # noqa: F401
+    except ImportError as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 def detectron2_available() -> bool:
-    return importlib.util.find_spec("detectron2") is not None
+    return detectron2_missing() is None
 
 
 _SCHEDULE_2X = dict(max_steps=180_000, milestones=(120_000, 160_000), warmup_steps=1000)
@@ -56,7 +67,7 @@ class _Detection:
     defaults: dict = {}
 
     def __init__(self, root: str, train: object = None, test: object = None,
-                 image_root: str | None = None, backend: str = "auto", norm: str = "SyncBN",
+                 image_root: str | None = None, backend: str = "detectron2", norm: str = "SyncBN",
                  fpn_norm: str | None = "SyncBN", extra_norm: bool | None = None,
                  min_size_train: Sequence[int] | None = None, min_size_test: int = 800,
                  max_size: int = 1333, batch_size: int = 16, lr: float = 0.02,
@@ -102,6 +113,8 @@ class _Detection:
             num_workers=num_workers, cpu_threads=cpu_threads, log_every=log_every, **chosen)
         self.options["repeat_threshold"] = self.options["repeat_threshold"] or None
         assert self.arch in ARCHS
+        if backend == "detectron2":
+            self.resolved_backend()  # fail before any checkpoint or data is read
 
     # -- what a task defines ----------------------------------------------------------
     def data(self) -> tuple[DetectionData, DetectionData]:
@@ -115,8 +128,9 @@ class _Detection:
     def resolved_backend(self) -> str:
         if self.backend == "auto":
             return "detectron2" if detectron2_available() else "torchvision"
-        if self.backend == "detectron2" and not detectron2_available():
-            raise UserError(f"evaluators.{self.name}.backend = 'detectron2': {D2_INSTALL}")
+        if self.backend == "detectron2" and (why := detectron2_missing()) is not None:
+            raise UserError(f"evaluators.{self.name}.backend = 'detectron2' (the paper's "
+                            f"protocol), but detectron2 is not installed ({why}): {D2_INSTALL}")
         return self.backend
 
     def __call__(self, ctx: Context) -> dict[str, float]:
@@ -147,6 +161,7 @@ class _Detection:
 
             raw = run_d2(ctx, settings, train, test, work_dir, self.name)
         metrics = {f"{self.prefix}/{k}": float(v) for k, v in raw.items()}  # images: evaluated
+        metrics[f"{self.prefix}/backend_detectron2"] = float(backend == "detectron2")
         summary = ctx.extras.setdefault("summary", [])
         summary.append(f"{self.name}: {backend} backend, {settings.arch} "
                        f"({backbone.name}), {settings.max_steps} steps; checkpoints in {work_dir}")

@@ -7,7 +7,9 @@ not ship (it would download them at first use; we never do): SPICE runs when the
 in ``spice_jar_dir`` (default ``$VIRTEX_SPICE_JARS``, else pycocoevalcap's own
 ``spice/lib``) and is otherwise skipped with one warning per process.
 
-Scores are on pycocoevalcap's scale: 0..1 for all but CIDEr (0..10; papers print x100).
+Scores are on the paper's scale, as the original VirTex evaluation reports them: 100 times
+pycocoevalcap's (BLEU, METEOR, ROUGE-L, SPICE 0..100; CIDEr-D 0..1000). ``scale=1.0`` gives
+pycocoevalcap's own numbers.
 """
 
 from __future__ import annotations
@@ -166,13 +168,15 @@ def _as_mapping(predictions: Mapping | Iterable[Mapping]) -> dict:
 
 def score_captions(predictions: Mapping | Iterable[Mapping],
                    references: Mapping[object, list[str]],
-                   spice: bool = True, spice_jar_dir: str | Path | None = None) -> dict[str, float]:
+                   spice: bool = True, spice_jar_dir: str | Path | None = None,
+                   scale: float = 100.0) -> dict[str, float]:
     """Score one caption per image against that image's reference captions.
 
     ``predictions``: ``{image_id: caption}`` or COCO results ``[{"image_id", "caption"}]``;
     ``references``: ``{image_id: [caption, ...]}``. Every predicted image must have
     references; images without a prediction are ignored. Returns ``BLEU-1`` .. ``BLEU-4``,
-    ``METEOR``, ``ROUGE-L``, ``CIDEr`` and, when its jars are present, ``SPICE``.
+    ``METEOR``, ``ROUGE-L``, ``CIDEr`` and, when its jars are present, ``SPICE``, each
+    ``scale`` times pycocoevalcap's value (default 100: the paper's scale).
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -212,4 +216,4 @@ def score_captions(predictions: Mapping | Iterable[Mapping],
                 metrics["SPICE"] = spice_score(gts, {k: v[0] for k, v in res.items()}, spice_jar_dir)
             except (RuntimeError, OSError, ValueError, KeyError) as exc:
                 _warn_once(f"SPICE skipped: {exc}")
-    return metrics
+    return {k: scale * v for k, v in metrics.items()}
