@@ -77,8 +77,10 @@ def token_classification(visual: nn.Module = gin.REQUIRED, tokenizer=gin.REQUIRE
     (ids from the tokenizer) are not targets."""
     special = (tokenizer.pad_id, tokenizer.unk_id, tokenizer.sos_id, tokenizer.eos_id,
                tokenizer.mask_id)
-    return TokenClassificationModel(visual, tokenizer.vocab_size, ignore_indices=special,
-                                    loss=loss)
+    model = TokenClassificationModel(visual, tokenizer.vocab_size, ignore_indices=special,
+                                     loss=loss)
+    model.tokenizer = tokenizer  # its checkpoints record the vocabulary
+    return model
 
 
 def multilabel_classification(visual: nn.Module = gin.REQUIRED, num_classes: int = 81,
@@ -96,9 +98,11 @@ def masked_lm(visual: nn.Module = gin.REQUIRED, textual: Callable = gin.REQUIRED
     'bernoulli' (masked in the model, each word with ``mask_prob``, 80/10/10)."""
     special = (tokenizer.pad_id, tokenizer.unk_id, tokenizer.sos_id, tokenizer.eos_id,
                tokenizer.mask_id)
-    return MaskedLMModel(visual, _head(textual, visual, tokenizer), mask_idx=tokenizer.mask_id,
-                         vocab_size=tokenizer.vocab_size, mask_prob=mask_prob,
-                         special_ids=special, masking=masking)
+    model = MaskedLMModel(visual, _head(textual, visual, tokenizer), mask_idx=tokenizer.mask_id,
+                          vocab_size=tokenizer.vocab_size, mask_prob=mask_prob,
+                          special_ids=special, masking=masking)
+    model.tokenizer = tokenizer  # its checkpoints record the vocabulary
+    return model
 
 
 @hookimpl
