@@ -225,3 +225,39 @@ def test_read_only_run_dir_is_one_line(tiny, tmp_path, tmpfs):
     assert res.returncode == 2
     assert _error_line(res) == f"virtex: error: cannot write {run / '.lock'}: read-only file system"
     assert sorted(p.name for p in list_checkpoints(run / "checkpoints")) == before
+
+
+def test_an_error_in_a_loader_worker_names_the_file(tiny, shapes_root, tmp_path):
+    args, env = tiny
+    coco = tmp_path / "coco"
+    shutil.copytree(shapes_root / "coco", coco)
+    victim = sorted((coco / "train2017").glob("*.jpg"))[0]
+    victim.write_bytes(b"not a JPEG at all")
+    args = [a.replace(str(shapes_root / "coco"), str(coco)) for a in args]
+    res = run_cli(*args, "--run_dir", str(tmp_path / "run"), "--gin_param",
+                  "trainer.num_workers=1", "--gin_param", "batch_size=48", env=env)
+    assert res.returncode == 2
+    line = _error_line(res)
+    assert line.startswith(f"virtex: error: cannot read image {victim}")
+    assert "DataLoader worker" not in line
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gpus", "-2"], "--gpus -2: expected a number >= 1"),
+    (["--nodes", "0"], "--nodes 0: expected a number >= 1"),
+])
+def test_bad_launch_flags(tiny, tmp_path, extra, message):
+    args, env = tiny
+    res = run_cli(*args, *extra, "--run_dir", str(tmp_path / "run"), env=env)
+    assert res.returncode == 2 and _error_line(res) == f"virtex: error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_spec_is_one_error(tmp_path):
+    spec = tmp_path / "empty.gin"
+    spec.write_text("# nothing here\n")
+    res = run_cli(str(spec), "--run_dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert res.returncode == 2
+    assert _error_line(res) == (f"virtex: error: spec {spec} runs nothing: it binds neither "
+                                "experiment.task (pretraining) nor experiment.evaluators")
+    assert not (tmp_path / "run").exists()

@@ -18,6 +18,7 @@ import gin
 import pluggy
 
 from virtex import hookspecs
+from virtex.checks import checked
 from virtex.errors import UserError
 
 ENTRY_POINT_GROUP = "virtex"
@@ -61,7 +62,8 @@ def _configurable(kind: str, name: str, factory: Callable) -> Callable:
             f"{kind}.{name} is already registered in this process by another factory "
             f"({original.__module__}.{original.__qualname__})"
         )
-    wrapped = gin.external_configurable(factory, name=name, module=kind)
+    wrapped = gin.external_configurable(checked(factory, f"{kind}.{name}"), name=name,
+                                        module=kind)
     _GIN_REGISTERED[key] = (factory, wrapped)
     return wrapped
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import gin
 
 from virtex.config import available_specs
-from virtex.errors import UserError
+from virtex.errors import UserError, one_line
 from virtex.registry import KINDS, get_registry
 
 DEFAULT_LAUNCHER = "local"
@@ -77,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if not args.spec:
             raise UserError("no spec given: python -m virtex.run SPEC (or --list)")
+        for flag, value in (("--gpus", args.gpus), ("--nodes", args.nodes)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag} {value}: expected a number >= 1")
         from virtex.runner import check_config, prepare
 
         job = prepare(args.spec, args.gin_param, args.run_dir, args.gpus, args.nodes, args.seed, argv)
@@ -96,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"run directory: {job.run_dir}")
         return rc
     except UserError as exc:
-        print(f"virtex: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"virtex: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("virtex: interrupted", file=sys.stderr)

@@ -64,6 +64,10 @@ def prepare(spec: str, params: Sequence[str], run_dir: str | None = None, gpus: 
     parse_spec(path, params, spec_dirs, registry)
     name = spec_name(path, spec_dirs)
     config = gin.config_str()
+    if not any(line.startswith(("experiment.task", "experiment.evaluators"))
+               for line in config.splitlines()):
+        raise UserError(f"spec {path} runs nothing: it binds neither experiment.task "
+                        "(pretraining) nor experiment.evaluators")
     if run_dir is None:
         run_dir = str(Path("runs") / name / config_hash(config, seed))
     command = shlex.join(["python", "-m", "virtex.run", *(argv if argv is not None else sys.argv[1:])])
@@ -259,6 +263,9 @@ def experiment(
         ctx.ckpt = Path(ckpt) if ckpt is not None else None
     elif evaluators:
         raise UserError("experiment.evaluators need experiment.backbone or experiment.task")
+    else:
+        raise UserError("experiment runs nothing: bind experiment.task (pretraining) or "
+                        "experiment.evaluators")
     if ctx.backbone is not None:
         ctx.backbone.to(ctx.device)
     metrics.update(_evaluate(evaluators, ctx))
