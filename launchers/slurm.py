@@ -419,9 +419,11 @@ class SlurmLauncher:
             for i, m in enumerate(members):
                 print(f"# array task {i}: {' '.join(m.job.params[len(job.params):])} -> {m.job.run_dir}")
             return 0
-        if shutil.which("sbatch") is None:
-            raise UserError("sbatch not found: the slurm launcher runs on a SLURM cluster's login node "
-                            "(--print_sbatch shows the script without submitting)")
+        for program in ("sbatch", "srun", "squeue"):
+            if shutil.which(program) is None:
+                raise UserError(f"{program} not found: the slurm launcher runs on a SLURM "
+                                "cluster's login node, where sbatch, srun and squeue are on PATH "
+                                "(--print_sbatch shows the script without submitting)")
         executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(python),
                                           max_num_timeout=settings.get("max_requeues", 10))
         try:

@@ -261,3 +261,23 @@ def test_an_empty_spec_is_one_error(tmp_path):
     assert _error_line(res) == (f"virtex: error: spec {spec} runs nothing: it binds neither "
                                 "experiment.task (pretraining) nor experiment.evaluators")
     assert not (tmp_path / "run").exists()
+
+
+def test_slurm_without_srun_is_one_error(tiny, tmp_path):
+    """A machine with sbatch but no srun (not a SLURM login node): one error, nothing submitted."""
+    args, env = tiny
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "submitted"
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f"#!/bin/sh\ntouch {marker}\necho 'Submitted batch job 1'\n")
+    sbatch.chmod(0o755)
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), "/usr/bin", "/bin"])
+    path = os.pathsep.join(p for p in path.split(os.pathsep)
+                           if p == str(bin_dir) or not (Path(p) / "srun").exists())
+    res = run_cli(*args, "--launcher", "slurm", "--run_dir", str(tmp_path / "run"),
+                  env={**env, "PATH": path})
+    assert res.returncode == 2
+    assert _error_line(res).startswith("virtex: error: srun not found: the slurm launcher runs "
+                                       "on a SLURM cluster's login node")
+    assert not marker.exists()
