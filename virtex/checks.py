@@ -21,6 +21,7 @@ import inspect
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -161,3 +162,8 @@ def checked(factory: Any, name: str) -> Any:
     wrapper.__signature__ = signature
     wrapper.__virtex_checked__ = name
     return wrapper
+
+
+def checked_as(name: str) -> Callable[[Any], Any]:
+    """Decorator form of :func:`checked`: ``@gin.configurable("x")`` above ``@checked_as("x")``."""
+    return lambda factory: checked(factory, name)

@@ -6,10 +6,12 @@ import functools
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
 import gin
 
 from virtex import hookimpl
+from virtex.checks import Range, checked_as
 from virtex.data import transforms as T
 from virtex.data.cache import cache_dir, shapes_dir  # noqa: F401  (registers shapes_dir)
 from virtex.data.tokenizer import SentencePieceTokenizer, build_vocab
@@ -17,8 +19,9 @@ from virtex.errors import UserError
 
 
 @gin.configurable("tokenizer")
+@checked_as("tokenizer")
 def tokenizer(model: str | None = None, captions: str | None = None,
-              vocab_size: int = 10000) -> SentencePieceTokenizer:
+              vocab_size: Annotated[int, Range(5)] = 10000) -> SentencePieceTokenizer:
     """A SentencePiece tokenizer: from ``model`` (a ``.model`` file), or built once from a COCO
     captions JSON (``captions``) into the cache with the original recipe (see
     :func:`virtex.data.tokenizer.build_vocab`)."""
@@ -36,10 +39,13 @@ def tokenizer(model: str | None = None, captions: str | None = None,
     if not path.is_file():
         raise UserError(f"tokenizer.captions: '{captions}' does not exist")
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
-    prefix = cache_dir() / "vocab" / f"{path.stem}-{digest}-{vocab_size}"
+    prefix = cache_dir() / "vocab" / f"{path.stem}-{digest}-bpe{vocab_size}"
     model_file = prefix.with_suffix(".model")
     if not model_file.is_file():
-        build_vocab(read_caption_strings(path), prefix, vocab_size=vocab_size)
+        try:
+            build_vocab(read_caption_strings(path), prefix, vocab_size=vocab_size)
+        except ValueError as exc:
+            raise UserError(f"tokenizer.vocab_size = {vocab_size}: {exc}") from None
     return SentencePieceTokenizer(model_file)
 
 
