@@ -16,6 +16,7 @@ from virtex.data.datasets import CocoCaptionsDataset, ImageClassificationDataset
 from virtex.data.masking import CaptionMasking
 from virtex.data.readers import (
     read_caption_strings,
+    read_coco_captions,
     read_image_folder,
     read_inat,
     read_voc_classification,
@@ -239,3 +240,26 @@ def test_classification_datasets(shapes_root: Path) -> None:
     assert untransformed.dtype == torch.float32 and untransformed.max() <= 1
     with pytest.raises(ValueError, match="1 paths but 2 targets"):
         ImageClassificationDataset(paths[:1], targets[:2], tf)
+
+
+def test_blank_captions_are_dropped_with_a_warning(shapes_root: Path, tmp_path: Path,
+                                                   capfd: pytest.CaptureFixture) -> None:
+    coco = tmp_path / "coco"
+    shutil.copytree(shapes_root / "coco", coco)
+    path = coco / "annotations" / "captions_val2017.json"
+    data = json.loads(path.read_text())
+    first, second = data["images"][0]["id"], data["images"][1]["id"]
+    for a in data["annotations"]:
+        if a["image_id"] == first:
+            a["caption"] = "  \n"  # every caption of this image is blank
+    next(a for a in data["annotations"] if a["image_id"] == second)["caption"] = ""
+    path.write_text(json.dumps(data))
+    records = read_coco_captions(coco, "val2017")
+    err = capfd.readouterr().err.strip().splitlines()
+    n_first = sum(a["image_id"] == first for a in data["annotations"])
+    assert err == [f"virtex: warning: {path}: {n_first + 1} blank caption(s) dropped; 1 image(s) "
+                   f"left without a caption are not used (the first: image_id {first}, "
+                   f"{data['images'][0]['file_name']})"]
+    assert first not in {r.image_id for r in records}
+    assert all(c.strip() for r in records for c in r.captions)
+    assert len(records) == len(data["images"]) - 1

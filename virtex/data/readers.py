@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,10 @@ def read_coco_captions(root: str | Path, split: str = "train2017") -> list[Capti
     """COCO captions: one record per image (sorted by id) with all its captions.
 
     Reads ``root/annotations/captions_{split}.json``; images are ``root/{split}/{file_name}``.
-    Images without any caption are left out (none in real COCO 2017).
+    Images without any caption are left out (none in real COCO 2017). Blank captions
+    (nothing but white space) are dropped with one warning that counts them and the
+    images they leave without a caption, which are left out too: trained on, such an
+    image would only teach ``[SOS] [EOS]``.
     """
     root = Path(root)
     path = root / "annotations" / f"captions_{split}.json"
@@ -156,6 +160,14 @@ def read_coco_captions(root: str | Path, split: str = "train2017") -> list[Capti
         if image_id not in files:
             raise DataFormatError(f"{where}: image_id {image_id} is not in 'images'")
         captions.setdefault(image_id, []).append(_field(a, "caption", str, where))
+    blank = sum(not c.strip() for cs in captions.values() for c in cs)
+    if blank:
+        kept = {i: [c for c in cs if c.strip()] for i, cs in captions.items()}
+        emptied = sorted(i for i, cs in kept.items() if not cs)
+        captions = {i: cs for i, cs in kept.items() if cs}
+        first = f" (the first: image_id {emptied[0]}, {files[emptied[0]]})" if emptied else ""
+        print(f"virtex: warning: {path}: {blank} blank caption(s) dropped; {len(emptied)} "
+              f"image(s) left without a caption are not used{first}", file=sys.stderr)
     records = [CaptionRecord(i, root / split / files[i], captions[i])
                for i in sorted(captions)]
     _check_files((r.path for r in records), path)
