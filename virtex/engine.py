@@ -349,8 +349,8 @@ class Trainer:
             step = int(state["step"])
             rngs = state["rng"]
             _set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) else rngs[0])
-            ctx.logger.rewind(step)
             ctx.info(f"resumed from {path} at step {step}")
+        ctx.logger.rewind(step)  # a run killed before its first checkpoint starts over
         ctx.step = step
         if step >= self.max_steps:
             ctx.info(f"training already finished ({step} steps)")
