@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import gin
 import pytest
@@ -16,7 +17,7 @@ from virtex.engine import Trainer
 from virtex.errors import UserError
 from virtex.models.interop import virtex_state_dict_to_ours
 from virtex.models.objectives import BicaptioningModel
-from virtex.models.textual import TransformerTextualHead
+from virtex.models.textual import TransformerTextualHead, parse_textual_size
 from virtex.models.visual import ResNetBackbone
 from virtex.runner import prepare
 
@@ -170,3 +171,26 @@ def test_zero_biases_option_zeroes_every_linear_bias():
     default = TransformerTextualHead(64, 50, size="L2_H32_A2_F64")
     assert torch.equal(default.layers[1].linear2.weight, head.layers[1].linear2.weight)
     assert torch.count_nonzero(default.layers[1].linear2.bias) == 32
+
+
+
+SPECS = Path(__file__).resolve().parents[1] / "specs"
+PAPER_PRETRAIN = sorted(p.relative_to(SPECS).with_suffix("").as_posix()
+                        for p in (SPECS / "pretrain").rglob("*.gin") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("spec", PAPER_PRETRAIN)
+def test_every_paper_pretraining_spec_binds_the_original_optimisation(spec):
+    prepare(spec, NO_DATA)
+    try:
+        bound = {k: gin.query_parameter(f"trainer.{k}")
+                 for k in ("no_decay", "warmup_start", "amp", "schedule", "warmup_steps")}
+        size = gin.query_parameter("%textual_size") if "backbone/" in spec else None
+    finally:
+        gin.clear_config()
+    assert bound == {"no_decay": "virtex", "warmup_start": "zero", "amp": "fp16",
+                     "schedule": "cosine", "warmup_steps": 10000}
+    if size is not None:  # the original's backbone ablations use the L1_H1024 head
+        assert size == "L1_H1024_A16_F4096"
+        assert parse_textual_size(size) == {"num_layers": 1, "hidden_size": 1024,
+                                            "attention_heads": 16, "feedforward_size": 4096}
