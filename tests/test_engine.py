@@ -74,6 +74,42 @@ def test_default_run_dir_is_keyed_by_the_config(tiny_spec, tmp_path, monkeypatch
     assert len(runs) == 2 and all(len(r.name) == 8 for r in runs)
 
 
+def _rows(run_dir: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text()
+                                           .splitlines()) if key in r}
+
+
+def test_paper_fp16_amp_is_float32_on_cpu_and_resumes_exactly(tiny_spec, tmp_path, monkeypatch):
+    spec, params = tiny_spec  # includes pretrain/_base.gin: amp='fp16', warmup from LR 0
+    monkeypatch.setenv("VIRTEX_CACHE", str(tmp_path / "cache"))
+    common = [str(spec), *params, "--gin_param", "trainer.max_steps=5"]
+    fp16, fp32 = tmp_path / "fp16", tmp_path / "fp32"
+    assert main([*common, "--run_dir", str(fp16)]) == 0
+    assert "trainer.amp = 'fp16'" in (fp16 / "operative_config.gin").read_text()
+    assert main([*common, "--gin_param", "trainer.amp=None", "--run_dir", str(fp32)]) == 0
+    expected = _losses(fp32)
+    assert sorted(expected) == list(range(1, 6)) and _losses(fp16) == expected  # bitwise
+    state = torch.load(fp16 / "checkpoints" / "step_0000005.pt", weights_only=True)
+    assert not state["scaler"]  # no gradient scaling on CPU
+    # the original's warmup: step 1 at learning rate 0, step 2 at 1/2 (2 warmup steps)
+    lrs = _rows(fp16, "lr/backbone")
+    assert (lrs[1], lrs[2], lrs[3]) == (0.0, 0.1, 0.2)
+    (fp16 / "checkpoints" / "step_0000005.pt").unlink()  # resume from step 4
+    assert main([*common, "--run_dir", str(fp16)]) == 0
+    assert "resumed from" in (fp16 / "log.txt").read_text()
+    assert _losses(fp16) == expected
+
+
+def test_bad_no_decay_is_one_line(tiny_spec, tmp_path, monkeypatch, capsys):
+    spec, params = tiny_spec
+    monkeypatch.setenv("VIRTEX_CACHE", str(tmp_path / "cache"))
+    args = [str(spec), *params, "--gin_param", "trainer.no_decay='bias'", "--run_dir",
+            str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trainer.no_decay: unknown 'bias'" in err[0], err
+
+
 PRETRAIN_SPECS = sorted(
     p.relative_to(REPO / "specs").as_posix() for p in (REPO / "specs" / "pretrain").rglob("*.gin")
     if not p.name.startswith("_"))

@@ -10,12 +10,13 @@ import gin
 import pytest
 import torch
 from cli import run_cli
-from virtex.plugins.classification import INaturalist
+from virtex.plugins.classification import FineTune, INaturalist
 
 from virtex.context import Context, RunLogger
 from virtex.engine import Trainer
 from virtex.models.visual import ResNetBackbone
 from virtex.run import main
+from virtex.runner import prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
@@ -93,6 +94,25 @@ def test_evaluator_leaves_the_context_backbone_and_step_alone(shapes_root, tmp_p
     assert ctx.step == 42
     assert all(torch.equal(before[k], v) for k, v in ctx.backbone.state_dict().items())
     assert ctx.backbone.cnn.conv1.weight.requires_grad
+
+
+def test_every_parameter_is_decayed_and_the_classifier_is_normal_init(tmp_path):
+    prepare(SPEC, ["ckpt=None", "weight_init=random"])
+    try:
+        assert gin.query_parameter("inat/trainer.no_decay") == "virtex"
+        assert gin.query_parameter("inat/trainer.amp") == "fp16"
+        assert gin.query_parameter("evaluators.inaturalist.classifier_init") == "virtex"
+        with gin.config_scope("inat"):
+            trainer = Trainer(dataset=[])
+    finally:
+        gin.clear_config()
+    torch.manual_seed(0)
+    model = FineTune(ResNetBackbone("resnet18"), 20)
+    optimizer = trainer._optimizer(model, torch.device("cpu"))
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0001]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert len(optimizer.param_groups[0]["params"]) == len(trained) == 62 + 2  # BN and biases too
+    assert abs(model.fc.weight.std() - 0.01) < 5e-4 and torch.count_nonzero(model.fc.bias) == 0
 
 
 def _one_line(capsys, *needles: str) -> str:

@@ -64,7 +64,8 @@ def test_spec_runs_and_keeps_the_backbone_frozen(weight_init, shapes_root, tmp_p
     assert set(metrics) == {"imagenet/top1", "imagenet/top5"}
     assert 0 <= metrics["imagenet/top1"] <= metrics["imagenet/top5"] <= 100
     state = _probe_state(run)
-    assert state["fc.weight"].shape == (20, 512) and "bn.weight" not in state  # no affine
+    assert state["fc.weight"].shape == (20, 512)
+    assert not [k for k in state if k.startswith("bn.")]  # the original's head: fc alone
     losses = [json.loads(x)["loss/total"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3  # 48 images / batch 16, one epoch
     if weight_init != "random":  # the backbone is the file's, untouched by training
@@ -106,7 +107,8 @@ def test_class_counts_match_a_per_image_reference(shapes_root, tmp_path):
     torch.manual_seed(0)
     paths, targets, classes = read_image_folder(shapes_root / "imagenet", "val")
     dataset = ImageClassificationDataset(paths, targets, eval_transform(37, 32))
-    model = classification.LinearProbe(ResNetBackbone("resnet18"), len(classes))
+    model = classification.LinearProbe(ResNetBackbone("resnet18"), len(classes),
+                                       head="bn_linear")
     model.bn.running_mean.normal_()
     ctx = Context(run_dir=tmp_path, device=torch.device("cpu"), logger=RunLogger(tmp_path))
     counts = classification.class_counts(model, dataset, len(classes), ctx, batch_size=5,
@@ -123,6 +125,41 @@ def test_class_counts_match_a_per_image_reference(shapes_root, tmp_path):
             expected[2, target] += 1
     assert torch.equal(counts, expected)
     assert counts[2].sum() == len(paths)
+
+
+def test_original_head_is_fc_on_pooled_features_with_normal_init():
+    torch.manual_seed(0)
+    probe = classification.LinearProbe(ResNetBackbone("resnet50"), 1000)
+    assert isinstance(probe.bn, torch.nn.Identity)
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    weight = probe.fc.weight.detach()
+    assert weight.shape == (1000, 2048) and abs(weight.mean()) < 1e-4
+    assert abs(weight.std() - 0.01) < 1e-4 and torch.count_nonzero(probe.fc.bias) == 0
+    images = torch.randn(2, 3, 64, 64)
+    probe.eval()
+    with torch.no_grad():
+        pooled = probe.visual(images).mean(dim=(2, 3))
+        assert torch.equal(probe.logits(images), probe.fc(pooled))
+
+
+def test_bn_linear_head_and_pytorch_init_options():
+    torch.manual_seed(0)
+    probe = classification.LinearProbe(ResNetBackbone("resnet18"), 20, head="bn_linear",
+                                       classifier_init="pytorch")
+    assert isinstance(probe.bn, torch.nn.BatchNorm1d) and not probe.bn.affine
+    bound = 512 ** -0.5  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert probe.fc.weight.abs().max() <= bound and probe.fc.weight.std() > 0.5 * bound
+    assert torch.count_nonzero(probe.fc.bias) == 20
+
+
+def test_bad_head_or_init_is_one_line(shapes_root, tmp_path, capsys):
+    root = shapes_root / "imagenet"
+    assert main(_args(root, tmp_path / "a", "ckpt=None", "weight_init=random",
+                      "evaluators.imagenet_linear.head='mlp'")) == 2
+    _one_line(capsys, "evaluators.imagenet_linear.head: unknown 'mlp'", "'bn_linear'")
+    assert main(_args(root, tmp_path / "b", "ckpt=None", "weight_init=random",
+                      "evaluators.imagenet_linear.classifier_init='zeros'")) == 2
+    _one_line(capsys, "evaluators.imagenet_linear.classifier_init: unknown 'zeros'")
 
 
 def _one_line(capsys, *needles: str) -> str:

@@ -118,6 +118,18 @@ def test_head_shapes_tied_weights_and_init(norm_first):
     assert head.output.weight is head.embedding.words.weight
     assert head.embedding.words.weight[PAD].abs().sum() == 0
     assert abs(head.layers[0].linear1.weight.std().item() - 0.02) < 0.005
+    # biases as the original's PyTorch modules leave them: zero in attention
+    # (nn.MultiheadAttention), nn.Linear's default U(+-1/sqrt(fan_in)) elsewhere
+    for layer in head.layers:
+        for attn in (layer.self_attn, layer.cross_attn):
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+                assert torch.count_nonzero(proj.bias) == 0
+        for linear in (layer.linear1, layer.linear2):
+            bound = linear.in_features ** -0.5
+            assert linear.bias.abs().max() <= bound and linear.bias.std() > 0.4 * bound
+    for linear in (head.output, head.visual_projection):
+        assert torch.count_nonzero(linear.bias) == linear.out_features
+        assert linear.bias.abs().max() <= linear.in_features ** -0.5
     batch = make_batch()
     logits = head(torch.randn(3, 512, 2, 2), batch["caption_tokens"])
     assert logits.shape == (3, 8, VOCAB)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from virtex import checkpoint, dist
 from virtex.context import Context
 from virtex.data.loader import data_loader
+from virtex.errors import UserError
 from virtex.evaluation.caption_model import is_captioning_model
 
 
@@ -133,14 +135,36 @@ class Lookahead:
             s.copy_(saved)
 
 
+WARMUP_STARTS = ("zero", "one_step")
+NO_DECAY_RULES = ("virtex", "norm_bias")
+
+# The original VirTex rule, ``re.match(".*textual.(embedding|transformer).*(norm.*|bias)")``,
+# written for our names: a head is ``textual`` or ``textual_backward`` (the original's
+# ``backward_textual``) and its decoder layers are ``layers.N`` (``transformer.layers.N``).
+_VIRTEX_NO_DECAY = re.compile(r".*textual(?:_backward)?\.(?:embedding|layers)\..*(?:norm|bias)")
+
+
 def lr_multiplier(step: int, warmup_steps: int, max_steps: int, schedule: str,
-                  milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
-    """Linear warmup, then ``cosine``, ``multistep`` or ``constant``."""
+                  milestones: tuple[int, ...] = (), gamma: float = 0.1,
+                  warmup_start: str = "one_step") -> float:
+    """The learning-rate factor of the step that follows ``step`` optimizer steps.
+
+    Linear warmup, then ``cosine`` (``cos²(π/2 · progress)``, which equals
+    ``0.5 · (1 + cos(π · progress))`` but keeps full relative precision near the end),
+    ``multistep`` (``gamma`` to the number of ``milestones`` <= ``step``) or ``constant``.
+    Warmup: ``warmup_start='zero'`` is the original VirTex's ``step / warmup_steps`` (its
+    scheduler steps after each iteration, so the first iteration runs with learning rate
+    0); ``'one_step'`` is ``(step + 1) / warmup_steps`` (the first step already trains).
+    """
+    if warmup_start not in WARMUP_STARTS:
+        raise UserError(f"trainer.warmup_start: unknown {warmup_start!r}, expected 'zero' "
+                        "(the original VirTex: the first step at learning rate 0) or "
+                        "'one_step' (step k at (k+1)/warmup_steps)")
     if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return (step + (warmup_start == "one_step")) / warmup_steps
     if schedule == "cosine":
         progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return math.cos(0.5 * math.pi * min(1.0, progress)) ** 2
     if schedule == "multistep":
         return gamma ** sum(step >= m for m in milestones)
     if schedule == "constant":
@@ -148,23 +172,49 @@ def lr_multiplier(step: int, warmup_steps: int, max_steps: int, schedule: str,
     raise ValueError(f"trainer.schedule: unknown '{schedule}', expected cosine, multistep or constant")
 
 
+def no_weight_decay(name: str, param: nn.Parameter, rule: str = "virtex") -> bool:
+    """Whether parameter ``name`` (a ``model.named_parameters()`` name) is kept out of
+    weight decay.
+
+    ``'virtex'``: the original VirTex rule, only the textual heads' embedding LayerNorm and
+    their decoder layers' biases and LayerNorms (CNN BatchNorms, the visual projection,
+    word/position embeddings and the output layer are decayed; a model without a textual
+    head, e.g. iNaturalist fine-tuning, decays everything). ``'norm_bias'``: every
+    parameter with at most one dimension (norms and biases everywhere).
+    """
+    if rule == "virtex":
+        return _VIRTEX_NO_DECAY.match(name) is not None
+    if rule == "norm_bias":
+        return param.ndim <= 1
+    raise _unknown_no_decay(rule)
+
+
+def _unknown_no_decay(rule: str) -> UserError:
+    return UserError(f"trainer.no_decay: unknown {rule!r}, expected 'virtex' (the original "
+                     "VirTex rule: textual-head norms and biases only) or 'norm_bias' (every "
+                     "norm and bias)")
+
+
 def param_groups(model: nn.Module, lr: float, backbone_lr: float | None,
-                 weight_decay: float) -> list[dict[str, Any]]:
-    """Backbone vs. rest (separate learning rates); no weight decay on norms and biases."""
+                 weight_decay: float, no_decay: str = "norm_bias") -> list[dict[str, Any]]:
+    """Backbone (``model.visual``) vs. rest (separate learning rates), each split into
+    decayed and not decayed parameters by the rule ``no_decay`` (see
+    :func:`no_weight_decay`). Shared and tied tensors appear once."""
     visual = getattr(model, "visual", None)
     visual_ids = {id(p) for p in visual.parameters()} if visual is not None else set()
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            key = (id(p) in visual_ids and backbone_lr is not None, p.ndim <= 1)
+            key = (id(p) in visual_ids and backbone_lr is not None,
+                   no_weight_decay(name, p, no_decay))
             groups.setdefault(key, []).append(p)
     out = []
-    for (is_visual, no_decay), params in sorted(groups.items()):
+    for (is_visual, no_decay_group), params in sorted(groups.items()):
         out.append({
             "params": params,
             "lr": backbone_lr if is_visual else lr,
-            "weight_decay": 0.0 if no_decay else weight_decay,
-            "name": ("backbone" if is_visual else "head") + ("_no_decay" if no_decay else ""),
+            "weight_decay": 0.0 if no_decay_group else weight_decay,
+            "name": ("backbone" if is_visual else "head") + ("_no_decay" if no_decay_group else ""),
         })
     return out
 
@@ -227,6 +277,13 @@ class Trainer:
     model captions its first ``num_samples`` images at every checkpoint, to tensorboard.
     On CPU the training process uses ``cpu_threads`` threads (default: the cores
     left over by the ``num_workers`` loader processes, at least one).
+
+    ``no_decay`` chooses the parameters without weight decay (:func:`no_weight_decay`:
+    ``'virtex'``, the original's rule, or ``'norm_bias'``); ``warmup_start`` the first
+    warmup value (:func:`lr_multiplier`: ``'zero'``, the original's, or ``'one_step'``).
+    ``amp='fp16'`` (autocast + gradient scaling, as the original on GPUs) only acts on
+    CUDA devices: on CPU the run stays float32, because fp16 autocast on CPU would change
+    the numerics the original never ran with. ``amp='bf16'`` autocasts on any device.
     """
 
     def __init__(
@@ -240,7 +297,9 @@ class Trainer:
         momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 1e-4,
+        no_decay: str = "norm_bias",
         warmup_steps: int = 10_000,
+        warmup_start: str = "one_step",
         schedule: str = "cosine",
         milestones: tuple[int, ...] = (),
         gamma: float = 0.1,
@@ -266,18 +325,34 @@ class Trainer:
             raise ValueError(f"trainer.optimizer: unknown '{optimizer}', expected sgd or adamw")
         if amp not in (None, "fp16", "bf16"):
             raise ValueError(f"trainer.amp: unknown '{amp}', expected None, 'fp16' or 'bf16'")
-        lr_multiplier(0, warmup_steps, max_steps, schedule, tuple(milestones), gamma)
+        if no_decay not in NO_DECAY_RULES:
+            raise _unknown_no_decay(no_decay)
+        lr_multiplier(0, warmup_steps, max_steps, schedule, tuple(milestones), gamma,
+                      warmup_start)
         self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
         self.milestones = tuple(milestones)
 
+    def lr_multiplier(self, step: int) -> float:
+        """The learning-rate factor of the step after ``step`` optimizer steps (the
+        learning rate of group ``g`` is its base learning rate times this)."""
+        return lr_multiplier(step, self.warmup_steps, self.max_steps, self.schedule,
+                             self.milestones, self.gamma, self.warmup_start)
+
     # -- construction -----------------------------------------------------------------
     def _optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-        groups = param_groups(model, self.lr, self.backbone_lr, self.weight_decay)
+        groups = param_groups(model, self.lr, self.backbone_lr, self.weight_decay,
+                              self.no_decay)
         fused = bool(self.fused and device.type == "cuda")
         if self.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum,
                                    nesterov=self.nesterov, fused=fused or None)
         return torch.optim.AdamW(groups, lr=self.lr, fused=fused or None)
+
+    def amp_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype on ``device``: None (float32) for fp16 on a non-CUDA device."""
+        if self.amp == "fp16" and device.type != "cuda":
+            return None
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.amp or "")
 
     def _sampler(self, ctx: Context, start_step: int) -> StepBatchSampler:
         """This process's batches from ``start_step`` on (subclasses may sample otherwise)."""
@@ -331,7 +406,8 @@ class Trainer:
         base_lrs = [g["lr"] for g in optimizer.param_groups]
         lookahead = Lookahead([p for g in optimizer.param_groups for p in g["params"]],
                               self.lookahead_alpha, self.lookahead_k) if self.lookahead else None
-        scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
+        autocast_dtype = self.amp_dtype(device)
+        scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
         ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else ctx.run_dir / "checkpoints"
 
         step = 0
@@ -362,7 +438,6 @@ class Trainer:
             train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if self.compile:
             train_model = torch.compile(train_model)  # type: ignore[assignment]
-        autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.amp or "")
 
         def save(at: int) -> None:
             rngs = dist.gather_objects(_rng_state())
@@ -389,8 +464,7 @@ class Trainer:
         model.train()
         seen, t0 = 0, time.perf_counter()
         for batch in self._loader(ctx, step):
-            mult = lr_multiplier(step, self.warmup_steps, self.max_steps, self.schedule,
-                                 self.milestones, self.gamma)
+            mult = self.lr_multiplier(step)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * mult
             batch = _to_device(batch, device, self.channels_last)

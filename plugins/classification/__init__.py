@@ -30,17 +30,43 @@ from virtex.errors import UserError
 from virtex.evaluation.features import weights_hash
 from virtex.io import write_json
 
+HEADS = ("linear", "bn_linear")
+CLASSIFIER_INITS = ("virtex", "pytorch")
+
+
+def _check_choice(binding: str, value: str, choices: tuple[str, ...], meaning: str) -> None:
+    if value not in choices:
+        raise UserError(f"{binding}: unknown {value!r}, expected one of "
+                        f"{', '.join(map(repr, choices))} ({meaning})")
+
+
+def classifier(in_features: int, num_classes: int, init: str = "virtex") -> nn.Linear:
+    """A new linear classifier. ``init='virtex'``: weight N(0, 0.01), bias 0, as the
+    original's ImageNet / iNaturalist script re-initialises its ``fc``; ``'pytorch'``:
+    ``nn.Linear``'s default (uniform) initialisation."""
+    _check_choice("classifier_init", init, CLASSIFIER_INITS,
+                  "'virtex': N(0, 0.01) weight, zero bias; 'pytorch': nn.Linear's default")
+    fc = nn.Linear(in_features, num_classes)
+    if init == "virtex":
+        nn.init.normal_(fc.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(fc.bias)
+    return fc
+
 
 class LinearProbe(nn.Module):
-    """A frozen backbone (always in eval mode), pooled features, BatchNorm without affine
-    parameters, and a linear classifier: the only trained weights."""
+    """A frozen backbone (always in eval mode), pooled features and a linear classifier,
+    the only trained weights. ``head='linear'`` (the original VirTex): the classifier on
+    the pooled features; ``'bn_linear'``: BatchNorm without affine parameters first."""
 
-    def __init__(self, visual: nn.Module, num_classes: int):
+    def __init__(self, visual: nn.Module, num_classes: int, head: str = "linear",
+                 classifier_init: str = "virtex"):
         super().__init__()
+        _check_choice("head", head, HEADS, "'linear': fc on pooled features, as the "
+                      "original; 'bn_linear': BatchNorm1d without affine, then fc")
         self.visual = visual.requires_grad_(False)
         channels = visual.out_channels
-        self.bn = nn.BatchNorm1d(channels, affine=False)
-        self.fc = nn.Linear(channels, num_classes)
+        self.bn = nn.BatchNorm1d(channels, affine=False) if head == "bn_linear" else nn.Identity()
+        self.fc = classifier(channels, num_classes, classifier_init)
 
     def train(self, mode: bool = True) -> LinearProbe:
         super().train(mode)
@@ -60,10 +86,10 @@ class LinearProbe(nn.Module):
 class FineTune(nn.Module):
     """The whole backbone and a new linear classifier on its pooled features."""
 
-    def __init__(self, visual: nn.Module, num_classes: int):
+    def __init__(self, visual: nn.Module, num_classes: int, classifier_init: str = "virtex"):
         super().__init__()
         self.visual = visual.requires_grad_(True)
-        self.fc = nn.Linear(visual.out_channels, num_classes)
+        self.fc = classifier(visual.out_channels, num_classes, classifier_init)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.fc(self.visual(images).mean(dim=(2, 3)))
@@ -146,13 +172,22 @@ def _accuracy(counts: torch.Tensor) -> tuple[float, float, float]:
 class ImageNetLinear:
     """Linear probe on a frozen backbone over an ImageNet-layout folder
     (``root/{train,val}/<class>/*.JPEG``). Returns ``imagenet/top1`` and ``imagenet/top5``
-    (percent) on the validation split.
+    (percent) on the validation split. ``head`` and ``classifier_init``: see
+    :class:`LinearProbe` and :func:`classifier`.
     """
 
     def __init__(self, root: str, trainer: Callable, epochs: int = 100, batch_size: int = 256,
                  image_size: int = 224, resize: int | None = None,
                  crop_scale: Sequence[float] = (0.08, 1.0), train_split: str = "train",
-                 val_split: str = "val", eval_batch_size: int = 256, num_workers: int = 4):
+                 val_split: str = "val", eval_batch_size: int = 256, num_workers: int = 4,
+                 head: str = "linear", classifier_init: str = "virtex"):
+        _check_choice("evaluators.imagenet_linear.head", head, HEADS,
+                      "'linear': fc on pooled features, as the original; 'bn_linear': "
+                      "BatchNorm1d without affine, then fc")
+        _check_choice("evaluators.imagenet_linear.classifier_init", classifier_init,
+                      CLASSIFIER_INITS, "'virtex': N(0, 0.01) weight, zero bias; 'pytorch': "
+                      "nn.Linear's default")
+        self.head, self.classifier_init = head, classifier_init
         self.root, self.trainer, self.epochs, self.batch_size = root, trainer, epochs, batch_size
         self.image_size, self.resize, self.crop_scale = image_size, resize, tuple(crop_scale)
         self.train_split, self.val_split = train_split, val_split
@@ -165,7 +200,8 @@ class ImageNetLinear:
                                            train_transform(self.image_size, self.crop_scale))
         val = ImageClassificationDataset(val_paths, val_targets,
                                          _eval_transform(self.image_size, self.resize))
-        model = LinearProbe(copy.deepcopy(ctx.backbone), len(classes))
+        model = LinearProbe(copy.deepcopy(ctx.backbone), len(classes), self.head,
+                            self.classifier_init)
         model = _fit(model, self.trainer, train, self.epochs, self.batch_size, ctx, "linear")
         counts = class_counts(model, val, len(classes), ctx, self.eval_batch_size,
                               self.num_workers)
@@ -178,14 +214,19 @@ class INaturalist:
     (``root/{train2018,val2018}.json``); the learning rate drops by ``gamma`` (the
     trainer's) at ``milestones`` epochs. Returns ``inat/top1`` (over images) and
     ``inat/mean_class_top1`` (mean of per-class top-1), in percent; per-class accuracies
-    go to ``run_dir/inat_per_class.json``.
+    go to ``run_dir/inat_per_class.json``. ``classifier_init``: see :func:`classifier`.
     """
 
     def __init__(self, root: str, trainer: Callable, epochs: int = 100,
                  milestones: Sequence[int] = (70, 90), batch_size: int = 256,
                  image_size: int = 224, resize: int | None = None,
                  crop_scale: Sequence[float] = (0.08, 1.0), train_split: str = "train2018",
-                 val_split: str = "val2018", eval_batch_size: int = 256, num_workers: int = 4):
+                 val_split: str = "val2018", eval_batch_size: int = 256, num_workers: int = 4,
+                 classifier_init: str = "virtex"):
+        _check_choice("evaluators.inaturalist.classifier_init", classifier_init,
+                      CLASSIFIER_INITS, "'virtex': N(0, 0.01) weight, zero bias; 'pytorch': "
+                      "nn.Linear's default")
+        self.classifier_init = classifier_init
         self.root, self.trainer, self.epochs, self.batch_size = root, trainer, epochs, batch_size
         self.milestones = tuple(milestones)
         self.image_size, self.resize, self.crop_scale = image_size, resize, tuple(crop_scale)
@@ -203,7 +244,7 @@ class INaturalist:
                                            train_transform(self.image_size, self.crop_scale))
         val = ImageClassificationDataset(val_paths, val_targets,
                                          _eval_transform(self.image_size, self.resize))
-        model = FineTune(copy.deepcopy(ctx.backbone), len(classes))
+        model = FineTune(copy.deepcopy(ctx.backbone), len(classes), self.classifier_init)
         steps_per_epoch = math.ceil(len(train) / self.batch_size)
         model = _fit(model, self.trainer, train, self.epochs, self.batch_size, ctx, "inat",
                      milestones=tuple(e * steps_per_epoch for e in self.milestones))

@@ -195,6 +195,8 @@ class TransformerTextualHead(nn.Module):
     ``size`` (e.g. ``"L1_H2048_A32_F8192"``) overrides the four size arguments.
     ``embedding`` makes this head use (share) an existing word/position embedding.
     Without a final LayerNorm in pre-norm mode, as in the original VirTex code.
+    Weights are initialised as the original's (:func:`_init_weights`); ``zero_biases``
+    zeroes every linear bias instead of keeping PyTorch's default (BERT's init).
     """
 
     def __init__(
@@ -211,6 +213,7 @@ class TransformerTextualHead(nn.Module):
         padding_idx: int = 0,
         size: str | None = None,
         embedding: WordAndPositionEmbedding | None = None,
+        zero_biases: bool = False,
     ):
         super().__init__()
         if size is not None:
@@ -235,6 +238,7 @@ class TransformerTextualHead(nn.Module):
             "norm_first": norm_first,
             "max_caption_length": max_caption_length,
             "padding_idx": padding_idx,
+            "zero_biases": zero_biases,
         }
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -251,6 +255,8 @@ class TransformerTextualHead(nn.Module):
         )
         self.output = nn.Linear(hidden_size, vocab_size)
         self.apply(_init_weights)
+        if zero_biases:
+            zero_linear_biases(self)
         if embedding is not None:
             self.embedding = embedding
         self.output.weight = self.embedding.words.weight  # tied
@@ -320,13 +326,26 @@ class TransformerTextualHead(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    """BERT-style init: N(0, 0.02) weights, zero biases, zero padding embedding."""
+    """The original VirTex init (for ``Module.apply``): N(0, 0.02) linear and embedding
+    weights, zero padding embedding; biases as PyTorch initialises them there, i.e. zero
+    in attention (``nn.MultiheadAttention`` zeroes its in- and out-projection biases) and
+    ``nn.Linear``'s default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) elsewhere (feed-forward,
+    visual projection, output layer). LayerNorms keep gain 1, bias 0."""
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+    elif isinstance(module, Attention):
+        for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+            nn.init.zeros_(proj.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
+
+
+def zero_linear_biases(module: nn.Module) -> None:
+    """Zero every ``nn.Linear`` bias in ``module`` (BERT's init; the option
+    ``zero_biases=True`` of :class:`TransformerTextualHead`)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
