@@ -281,3 +281,30 @@ def test_slurm_without_srun_is_one_error(tiny, tmp_path):
     assert _error_line(res).startswith("virtex: error: srun not found: the slurm launcher runs "
                                        "on a SLURM cluster's login node")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("trainer.max_steps='ten'", "trainer.max_steps = 'ten': expected an int"),
+    ("trainer.max_steps=0", "trainer.max_steps = 0: expected an int >= 1"),
+    ("batch_size='8'", "trainer.batch_size = '8': expected an int"),
+    ("batch_size=-4", "trainer.batch_size = -4: expected an int >= 1"),
+    ("trainer.checkpoint_every=0", "trainer.checkpoint_every = 0: expected an int >= 1"),
+    ("trainer.optimizer='adam'", "trainer.optimizer = 'adam': expected one of 'sgd', 'adamw'"),
+    ("trainer.lr=-0.1", "trainer.lr = -0.1: expected a number >= 0"),
+    ("tokenizer.vocab_size=3", "tokenizer.vocab_size = 3: expected an int >= 5"),
+])
+def test_a_bad_value_is_one_line_naming_the_binding(tiny, tmp_path, binding, message):
+    args, env = tiny
+    res = run_cli(*args, "--gin_param", binding, "--run_dir", str(tmp_path / "run"), env=env)
+    assert res.returncode == 2
+    assert _error_line(res) == f"virtex: error: {message}"
+    assert not list_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_batch_not_divisible_by_the_processes(tiny, tmp_path):
+    args, env = tiny
+    res = run_cli(*args, "--gpus", "3", "--run_dir", str(tmp_path / "run"), env=env)
+    assert res.returncode != 0
+    assert ("trainer.batch_size = 4 is not divisible by the 3 processes of this run"
+            in res.stderr)

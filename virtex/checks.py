@@ -148,6 +148,8 @@ def checked(factory: Any, name: str) -> Any:
             check_arguments(name, signature, hints, (self, *args), kwargs)
             init(self, *args, **kwargs)
 
+        del __init__.__wrapped__  # gin reads the signature below, not the original's
+        __init__.__signature__ = signature
         factory.__init__ = __init__
         factory.__virtex_checked__ = name
         return factory

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gin
 import numpy as np
@@ -25,6 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from virtex import checkpoint, dist
+from virtex.checks import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    checked_as,
+)
 from virtex.context import Context
 from virtex.data.loader import data_loader
 from virtex.errors import UserError
@@ -269,6 +277,7 @@ def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
 
 
 @gin.configurable("trainer")
+@checked_as("trainer")
 class Trainer:
     """Pretrains a task model; checkpoints are written to ``run_dir/checkpoints``.
 
@@ -289,37 +298,37 @@ class Trainer:
     def __init__(
         self,
         dataset: Dataset = gin.REQUIRED,
-        batch_size: int = 256,
-        max_steps: int = 500_000,
-        optimizer: str = "sgd",
-        lr: float = 0.001,
-        backbone_lr: float | None = 0.2,
-        momentum: float = 0.9,
+        batch_size: PositiveInt = 256,
+        max_steps: PositiveInt = 500_000,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: NonNegativeFloat = 0.001,
+        backbone_lr: NonNegativeFloat | None = 0.2,
+        momentum: NonNegativeFloat = 0.9,
         nesterov: bool = False,
-        weight_decay: float = 1e-4,
+        weight_decay: NonNegativeFloat = 1e-4,
         no_decay: str = "norm_bias",
-        warmup_steps: int = 10_000,
+        warmup_steps: NonNegativeInt = 10_000,
         warmup_start: str = "one_step",
         schedule: str = "cosine",
         milestones: tuple[int, ...] = (),
-        gamma: float = 0.1,
+        gamma: PositiveFloat = 0.1,
         lookahead: bool = True,
-        lookahead_alpha: float = 0.5,
-        lookahead_k: int = 5,
-        clip_grad_norm: float | None = 10.0,
-        amp: str | None = None,
+        lookahead_alpha: Probability = 0.5,
+        lookahead_k: PositiveInt = 5,
+        clip_grad_norm: PositiveFloat | None = 10.0,
+        amp: Literal["fp16", "bf16"] | None = None,
         channels_last: bool = False,
         compile: bool = False,
         fused: bool = True,
-        num_workers: int = 4,
-        cpu_threads: int | None = None,
-        checkpoint_every: int = 2000,
-        keep_last: int = 3,
-        keep_every: int | None = None,
-        log_every: int = 20,
+        num_workers: NonNegativeInt = 4,
+        cpu_threads: PositiveInt | None = None,
+        checkpoint_every: PositiveInt = 2000,
+        keep_last: PositiveInt = 3,
+        keep_every: PositiveInt | None = None,
+        log_every: PositiveInt = 20,
         log_prefix: str = "",
         sample_dataset: Dataset | None = None,
-        num_samples: int = 4,
+        num_samples: NonNegativeInt = 4,
     ):
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"trainer.optimizer: unknown '{optimizer}', expected sgd or adamw")
@@ -396,6 +405,9 @@ class Trainer:
         """Train ``model`` to ``max_steps``, resuming from the newest checkpoint in
         ``ckpt_dir`` (default ``run_dir/checkpoints``) if there is one."""
         device = ctx.device
+        if self.batch_size % ctx.world_size:
+            raise UserError(f"trainer.batch_size = {self.batch_size} is not divisible by the "
+                            f"{ctx.world_size} processes of this run (--gpus x --nodes)")
         if device.type == "cpu":  # loader workers take cores too: do not oversubscribe
             cores = (os.cpu_count() or 1) // max(1, ctx.world_size)
             torch.set_num_threads(self.cpu_threads or max(1, cores - self.num_workers))
