@@ -64,13 +64,25 @@ def resize_linear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     x0, x1, a0, a1 = _horizontal(w, width)
     y0, y1, b0, b1 = _vertical(h, height)
     rows, index = np.unique(np.concatenate([y0, y1]), return_inverse=True)
-    src = image[rows].astype(np.int32)
+    src = image[rows]  # only the rows the vertical pass reads
     extra = (None,) * (image.ndim - 2)
-    horiz = src[:, x0] * a0[(slice(None), *extra)] + src[:, x1] * a1[(slice(None), *extra)]
-    top, bottom = horiz[index[:height]], horiz[index[height:]]
+    horiz = src[:, x0].astype(np.int32)
+    horiz *= a0[(slice(None), *extra)]
+    right = src[:, x1].astype(np.int32)
+    right *= a1[(slice(None), *extra)]
+    horiz += right
+    horiz >>= 4
     col = (slice(None), None, *extra)
-    out = ((top >> 4) * b0[col] >> 16) + ((bottom >> 4) * b1[col] >> 16)
-    return np.clip((out + 2) >> 2, 0, 255).astype(np.uint8)
+    out = horiz[index[:height]]
+    out *= b0[col]
+    out >>= 16
+    bottom = horiz[index[height:]]
+    bottom *= b1[col]
+    bottom >>= 16
+    out += bottom
+    out += 2
+    out >>= 2
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def smallest_max_size(height: int, width: int, target: int) -> tuple[int, int]:
