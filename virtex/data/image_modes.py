@@ -8,8 +8,10 @@ applied). :func:`to_rgb` follows the same rules for every mode PIL opens:
 * Alpha (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``P`` with a tRNS transparency): **dropped**,
   the colour under it is kept, as ``cv2.imread`` without ``IMREAD_UNCHANGED`` does; no
   compositing onto a background (a fully transparent pixel keeps its stored colour).
-* ``CMYK`` (JPEG, Adobe-inverted or not: PIL undoes the inversion on reading):
-  ``R = round((255 - C) * (255 - K) / 255)`` and likewise G from M, B from Y.
+* ``CMYK``: ``R = round((255 - C) * (255 - K) / 255)`` and likewise G from M, B from Y.
+  JPEG: PIL reads every CMYK JPEG as Adobe-inverted (Photoshop's convention, by far the
+  most common); a CMYK JPEG *without* an Adobe APP14 marker stores plain ink amounts, so
+  PIL's inversion is undone for it.
 * 16-bit (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``) and ``I`` (taken as 16-bit, clipped to
   0..65535): the high byte, ``v >> 8``, as libpng's 16 -> 8 strip in ``cv2.imread``; PIL's
   ``convert`` would clip everything above 255 to white.
@@ -84,6 +86,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img.convert("RGBA").convert("RGB")
     if mode == "CMYK":
         cmyk = np.asarray(img).astype(np.uint32)
+        if img.format == "JPEG" and "adobe" not in img.info:
+            cmyk = 255 - cmyk  # plain CMYK that PIL took for Adobe-inverted
         keep = 255 - cmyk[..., 3:]
         rgb = ((255 - cmyk[..., :3]) * keep * 2 + 255) // 510  # round(x / 255), ties up
         return Image.fromarray(rgb.astype(np.uint8), "RGB")
