@@ -99,3 +99,51 @@ def test_exact_resize_matches_opencv_on_random_sizes() -> None:
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         expected = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
         np.testing.assert_array_equal(resize_linear(image, nh, nw), expected)
+
+
+def _normalised(stem: str, name: str) -> torch.Tensor:
+    """The original's normalised CHW tensor of ``stem`` through transform ``name``."""
+    meta = _meta()[stem]
+    return T.Normalize()({"image": torch.from_numpy(np.load(DIR / meta[name]["file"])).permute(
+        2, 0, 1)})["image"]
+
+
+@pytest.fixture
+def spec_objects():
+    """Build a component as a paper spec configures it: ``build(spec, kind, name, params)``."""
+    import gin
+
+    from virtex.config import parse_spec, resolve_spec
+    from virtex.registry import get_registry
+
+    registry = get_registry()
+
+    def build(spec: str, kind: str, name: str, params: list[str], **kwargs: object) -> object:
+        dirs = registry.spec_dirs()
+        parse_spec(resolve_spec(spec, dirs), params, dirs, registry)
+        return registry.get(kind, name)(**kwargs)
+
+    yield build
+    gin.clear_config()
+
+
+def test_paper_specs_use_the_original_transforms(spec_objects) -> None:
+    """The evaluation images of the paper specs are the original's, pixel for pixel."""
+    from virtex.evaluation.captioner import _ImageFiles
+
+    photo = DIR / _meta()["grace_hopper"]["file"]
+    voc = spec_objects("downstream/voc07_svm", "evaluators", "voc07_svm",
+                       ["ckpt=None", "data_root=unused"])
+    assert (voc.resize, voc.image_size, voc.resize_mode) == (256, 224, "exact")
+    got = voc.transform()({"image": T.open_image(photo)})["image"]
+    assert torch.equal(got, _normalised("grace_hopper", "voc07"))
+    sample_tf = spec_objects("pretrain/bicap_r50", "transforms", "eval", [])
+    got = sample_tf({"image": T.open_image(photo)})["image"]
+    assert torch.equal(got, _normalised("grace_hopper", "pretrain_val"))
+    for spec, name, params in [("inference/caption_folder", "caption_folder", ["images=x"]),
+                               ("downstream/coco_captioning", "coco_captioning", [])]:
+        evaluator = spec_objects(spec, "evaluators", name, ["ckpt=None", *params],
+                                 **({} if name == "caption_folder" else {"root": "x"}))
+        d = evaluator.decoding
+        item = _ImageFiles([photo], d["resize"], d["image_size"], None, d["resize_mode"])[0]
+        assert torch.equal(item["image"], _normalised("grace_hopper", "voc07")), spec

@@ -9,7 +9,7 @@ import torch
 from virtex import hookimpl
 from virtex.context import Context
 from virtex.data.readers import read_voc_classification
-from virtex.data.transforms import check_resize_mode, eval_min_side, eval_transform
+from virtex.data.transforms import Compose, check_resize_mode, eval_min_side, eval_transform
 from virtex.errors import UserError
 from virtex.evaluation.features import cached_features
 from virtex.evaluation.svm import voc07_svm_map
@@ -39,11 +39,14 @@ class VOC07SVM:
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_split, self.test_split = train_split, test_split
 
+    def transform(self) -> Compose:
+        """The image transform of both splits."""
+        return eval_transform(self.resize, self.image_size, self.resize_mode)
+
     def features(self, ctx: Context, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Cached pooled features ``(N, C)``, VOC flags ``(N, K)`` and class names of ``split``."""
         paths, labels, classes = read_voc_classification(self.root, split)
-        transform = eval_transform(self.resize, self.image_size, self.resize_mode)
-        feats = cached_features(ctx.backbone, paths, transform, ctx.device, tag=f"voc07-{split}",
+        feats = cached_features(ctx.backbone, paths, self.transform(), ctx.device, tag=f"voc07-{split}",
                                 batch_size=self.batch_size, num_workers=self.num_workers,
                                 min_side=eval_min_side(self.resize, self.resize_mode))
         return feats, torch.as_tensor(labels), classes
