@@ -8,6 +8,11 @@ in [0, 1] and :class:`Normalize` a standardised float tensor. Randomness comes f
 torch's global RNG, so seeding torch (per DataLoader worker) makes a pipeline
 reproducible. Run pipelines with one intra-op thread, as DataLoader workers do.
 
+Decoding (every path: :func:`decode`) gives upright 8-bit RGB as the original's
+``cv2.imread`` does: EXIF orientation applied, every PIL mode converted by the rules of
+:mod:`virtex.data.image_modes`. :func:`eval_transform` with ``resize_mode='exact'`` is the
+original VirTex's evaluation transform pixel for pixel (:mod:`virtex.data.cv_resize`).
+
 Reduced-size decoding. libjpeg can decode at 1/2, 1/4 or 1/8 scale (DCT scaling,
 PIL's ``Image.draft``), skipping most of the work. Two rules use it:
 
