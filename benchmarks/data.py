@@ -6,7 +6,8 @@ Without ``--images`` it writes ``n`` synthetic-shapes JPEGs with sides of 480-64
 (COCO-sized; ``--px``) with ``virtex.tools.make_shapes`` into a temp dir. All
 pipelines run in this process on one thread, alternating in rounds so that machine
 load hits them alike; the best round of each is reported as a markdown table. The
-"full-size decode" row is ours with the reduced (DCT-scaled) decode switched off.
+"full-size decode" row is ours with the reduced (DCT-scaled) decode switched off; the
+"original's pixels" row is the paper specs' evaluation transform (cv2-exact bilinear).
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             "eval, ours with full-size decode":
                 (None, ours(V.Compose([V.Resize(resize, reduced_decode=False),
                                        V.CenterCrop(a.size), V.Normalize()]))),
+            "eval, the original's pixels (resize_mode='exact', full-size decode)":
+                (None, ours(V.eval_transform(resize, a.size, resize_mode="exact"))),
         }
         results: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in rows}
         for _ in range(a.rounds):

@@ -231,3 +231,44 @@ def test_train_transform_output(big_jpeg: Path) -> None:
         out = tf({"image": V.open_image(big_jpeg), "caption": "on the left"})
         assert out["image"].shape == (3, 224, 224) and out["image"].dtype == torch.float32
         assert out["caption"] in ("on the left", "on the right")
+
+
+def test_center_crop_offsets_are_floored() -> None:
+    """Top-left ((H - h) // 2, (W - w) // 2), the original's rule, also for odd margins."""
+    arr = np.arange(7 * 10, dtype=np.uint8).reshape(7, 10, 1).repeat(3, axis=2)
+    out = V.CenterCrop((4, 5))({"image": torch.from_numpy(arr).permute(2, 0, 1)})["image"]
+    np.testing.assert_array_equal(_pixels(out), arr[1:5, 2:7])  # margins 3 and 5: floor 1, 2
+    out = V.CenterCrop((4, 5))({"image": Image.fromarray(arr)})["image"]
+    np.testing.assert_array_equal(_pixels(out), arr[1:5, 2:7])
+
+
+def test_exact_resize_sizes_and_modes() -> None:
+    img = Image.new("RGB", (512, 600), (9, 99, 199))
+    assert V.Resize(224, mode="exact")({"image": img})["image"].shape == (3, 262, 224)  # ties even
+    assert V.Resize(224)({"image": img})["image"].shape == (3, 262, 224)  # int(262.5) truncates
+    assert V.Resize(224, mode="exact")({"image": Image.new("RGB", (600, 513))})["image"].shape \
+        == (3, 224, 262)  # 261.98 rounds up, truncation gave 261
+    assert V.Resize(224)({"image": Image.new("RGB", (600, 513))})["image"].shape == (3, 224, 261)
+    flat = V.Resize(100, mode="exact")({"image": img})["image"]
+    assert (flat == torch.tensor([9, 99, 199], dtype=torch.uint8).view(3, 1, 1)).all()
+    assert "exact" in repr(V.eval_transform(256, 224, "exact"))
+    assert V.eval_min_side(256, "exact") is None and V.eval_min_side(256, "antialias") == 256
+
+
+def test_bad_resize_mode_names_the_binding() -> None:
+    from virtex.plugins.captioning import CaptionFolder, CaptionSamples
+    from virtex.plugins.data import evaluation
+    from virtex.plugins.voc07 import VOC07SVM
+
+    from virtex.errors import UserError
+
+    with pytest.raises(UserError, match=r"transforms\.eval\.resize_mode = 'cv2'.*'exact', 'antialias'"):
+        evaluation(resize_mode="cv2")
+    with pytest.raises(UserError, match=r"evaluators\.voc07_svm\.resize_mode = 'bilinear'"):
+        VOC07SVM("x", resize_mode="bilinear")
+    with pytest.raises(UserError, match=r"evaluators\.caption_folder\.resize_mode"):
+        CaptionFolder("x", resize_mode="Exact")
+    with pytest.raises(UserError, match=r"evaluators\.caption_samples\.resize_mode"):
+        CaptionSamples("x", resize_mode="")
+    with pytest.raises(UserError, match=r"Resize\.mode = 'x'"):
+        V.Resize(10, mode="x")

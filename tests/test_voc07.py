@@ -100,7 +100,7 @@ def test_features_are_pooled_layer4_of_the_eval_transform(shapes_root, tmp_path)
 
 def _args(root, run_dir, *params: str) -> list[str]:
     out = [SPEC, "--run_dir", str(run_dir)]
-    for p in [f"data_root={root}", "backbone=@backbones.resnet18", "image_size=32",
+    for p in [f"data_root={root}", "backbone=@backbones.resnet18", "image_size=32", "resize=37",
               "num_workers=0", *params]:
         out += ["--gin_param", p]
     return out
@@ -123,7 +123,8 @@ def test_spec_runs_with_each_weight_init(weight_init, shapes_root, tmp_path):
     if weight_init != "random":  # the same weights through the evaluator directly
         backbone = ResNetBackbone("resnet18")
         backbone.cnn.load_state_dict(cnn)
-        direct = VOC07SVM(str(shapes_root / "VOC2007"), image_size=32, num_workers=0)(
+        direct = VOC07SVM(str(shapes_root / "VOC2007"), image_size=32, resize=37,
+                          num_workers=0)(
             _ctx(tmp_path, backbone))
         assert direct["voc07/mAP"] == pytest.approx(metrics["voc07/mAP"], abs=1e-9)
 

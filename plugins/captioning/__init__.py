@@ -23,7 +23,7 @@ from virtex import hookimpl
 from virtex.checkpoint import step_of
 from virtex.context import Context
 from virtex.data.readers import read_coco_captions
-from virtex.data.transforms import eval_transform, load_image
+from virtex.data.transforms import check_resize_mode, eval_transform, load_image
 from virtex.errors import UserError
 from virtex.evaluation import caption_metrics
 from virtex.evaluation.caption_model import ModelSource, is_captioning_model
@@ -41,15 +41,19 @@ class CaptionSamples:
     Writes ``caption_samples.json`` (generated caption beside the references) to the
     run directory, adds a few examples to the run summary, and returns
     ``captions/word_precision``: the fraction of generated words that occur in the
-    image's reference captions. Needs a captioning model (skipped otherwise).
+    image's reference captions. Needs a captioning model (skipped otherwise). Images:
+    short side to ``resize`` (None: ``image_size``), central ``image_size`` crop, resized
+    as ``resize_mode`` says (see :func:`eval_transform`).
     """
 
     def __init__(self, root: str, split: str = "val2017", num_images: int = 16,
                  image_size: int = 224, beam_size: int = 5, max_length: int = 30,
-                 show: int = 4):
+                 show: int = 4, resize: int | None = None, resize_mode: str = "exact"):
         self.root, self.split, self.num_images = root, split, num_images
         self.image_size, self.beam_size, self.max_length, self.show = (
             image_size, beam_size, max_length, show)
+        self.resize = image_size if resize is None else resize
+        self.resize_mode = check_resize_mode(resize_mode, "evaluators.caption_samples.resize_mode")
 
     @torch.no_grad()
     def __call__(self, ctx: Context) -> dict[str, float]:
@@ -57,7 +61,7 @@ class CaptionSamples:
         if model is None or not is_captioning_model(model):
             return {}
         records = read_coco_captions(self.root, self.split)[: self.num_images]
-        transform = eval_transform(self.image_size, self.image_size)
+        transform = eval_transform(self.resize, self.image_size, self.resize_mode)
         images = torch.stack([transform({"image": load_image(r.path)})["image"] for r in records])
         was_training = model.training
         model.eval()
@@ -83,15 +87,18 @@ class CaptionSamples:
         return {"captions/word_precision": 100.0 * hits / max(1, total)}
 
 
-def _decoding(evaluator: str, method: str, beam_size: int, max_length: int, **rest) -> dict:
-    """Checked decoding options of a captioning evaluator."""
+def _decoding(evaluator: str, method: str, beam_size: int, max_length: int, resize_mode: str,
+              **rest) -> dict:
+    """Checked decoding (and image) options of a captioning evaluator."""
+    check_resize_mode(resize_mode, f"evaluators.{evaluator}.resize_mode")
     if method not in METHODS:
         raise UserError(f"evaluators.{evaluator}.method = {method!r}: expected one of "
                         f"{', '.join(METHODS)}")
     if beam_size < 1 or max_length < 1:
         raise UserError(f"evaluators.{evaluator}: beam_size and max_length must be >= 1 "
                         f"(got {beam_size}, {max_length})")
-    return {"method": method, "beam_size": beam_size, "max_length": max_length, **rest}
+    return {"method": method, "beam_size": beam_size, "max_length": max_length,
+            "resize_mode": resize_mode, **rest}
 
 
 def _in_sweep(ctx: Context) -> bool:
@@ -113,12 +120,12 @@ class CocoCaptioning:
 
     def __init__(self, root: str, split: str = "val2017",
                  model: Callable[[], torch.nn.Module] | None = None, image_size: int = 224,
-                 resize: int = 256, method: str = "beam", beam_size: int = 5,
-                 max_length: int = 30, batch_size: int = 32, num_workers: int = 2,
-                 num_images: int | None = None, spice: bool = True,
+                 resize: int = 256, resize_mode: str = "exact", method: str = "beam",
+                 beam_size: int = 5, max_length: int = 30, batch_size: int = 32,
+                 num_workers: int = 2, num_images: int | None = None, spice: bool = True,
                  spice_jar_dir: str | None = None, show: int = 4):
         self.root, self.split, self.source = root, split, ModelSource(model, "coco_captioning")
-        self.decoding = _decoding("coco_captioning", method, beam_size, max_length,
+        self.decoding = _decoding("coco_captioning", method, beam_size, max_length, resize_mode,
                                   image_size=image_size, resize=resize, batch_size=batch_size,
                                   num_workers=num_workers)
         self.num_images, self.spice, self.spice_jar_dir = num_images, spice, spice_jar_dir
@@ -177,13 +184,13 @@ class CaptionFolder:
 
     def __init__(self, images: str, model: Callable[[], torch.nn.Module] | None = None,
                  recursive: bool = False, output: str | None = None, all_beams: bool = False,
-                 image_size: int = 224, resize: int = 256, method: str = "beam",
-                 beam_size: int = 5, max_length: int = 30, batch_size: int = 32,
-                 num_workers: int = 2, thumbnail_size: int = 256):
+                 image_size: int = 224, resize: int = 256, resize_mode: str = "exact",
+                 method: str = "beam", beam_size: int = 5, max_length: int = 30,
+                 batch_size: int = 32, num_workers: int = 2, thumbnail_size: int = 256):
         self.folder, self.recursive, self.output = Path(images), recursive, output
         self.source = ModelSource(model, "caption_folder")
         self.all_beams, self.thumbnail_size = all_beams, thumbnail_size
-        self.decoding = _decoding("caption_folder", method, beam_size, max_length,
+        self.decoding = _decoding("caption_folder", method, beam_size, max_length, resize_mode,
                                   image_size=image_size, resize=resize, batch_size=batch_size,
                                   num_workers=num_workers)
 

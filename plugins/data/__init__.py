@@ -74,9 +74,12 @@ def train(size: int = 224, scale: tuple[float, float] = (0.2, 1.0)) -> T.Compose
     return T.train_transform(size, tuple(scale))
 
 
-def evaluation(resize: int = 256, size: int = 224) -> T.Compose:
-    """Resize the short side, center crop, normalise."""
-    return T.eval_transform(resize, size)
+def evaluation(resize: int = 256, size: int = 224, resize_mode: str = "exact") -> T.Compose:
+    """Resize the short side, center crop, normalise. ``resize_mode``: 'exact' (the original
+    VirTex's pixels: cv2-exact bilinear, no antialiasing, full decode) or 'antialias' (ours:
+    antialiased resize of a reduced-size JPEG decode)."""
+    T.check_resize_mode(resize_mode, "transforms.eval.resize_mode")
+    return T.eval_transform(resize, size, resize_mode)
 
 
 @hookimpl

@@ -9,7 +9,7 @@ import torch
 from virtex import hookimpl
 from virtex.context import Context
 from virtex.data.readers import read_voc_classification
-from virtex.data.transforms import eval_transform
+from virtex.data.transforms import Compose, check_resize_mode, eval_min_side, eval_transform
 from virtex.errors import UserError
 from virtex.evaluation.features import cached_features
 from virtex.evaluation.svm import voc07_svm_map
@@ -20,27 +20,35 @@ class VOC07SVM:
     """Frozen pooled features of VOC2007 trainval/test; per-class linear SVMs, costs by 3-fold CV.
 
     Returns ``voc07/mAP`` (percent) and ``voc07/AP/<class>``; ``run_dir/voc07_svm.json``
-    also records each class's chosen cost. Features are cached per backbone weights,
+    also records each class's chosen cost. Images: short side to ``resize`` (None:
+    ``image_size``), central ``image_size`` crop; ``resize_mode='exact'`` is the original's
+    transform pixel for pixel, ``'antialias'`` ours (see :func:`eval_transform`). Features are cached per backbone weights,
     transform and image list (:func:`virtex.evaluation.features.cached_features`), so
     evaluating the same checkpoint again only re-fits the SVMs.
     """
 
     def __init__(self, root: str, costs: Sequence[float] = (0.01, 0.1, 1.0, 10.0),
-                 image_size: int = 224, folds: int = 3, pos_weight: float = 2.0,
+                 image_size: int = 224, resize: int | None = None,
+                 resize_mode: str = "exact", folds: int = 3, pos_weight: float = 2.0,
                  batch_size: int = 64, num_workers: int = 2, train_split: str = "trainval",
                  test_split: str = "test"):
         self.root, self.costs, self.image_size = root, tuple(costs), image_size
+        self.resize = image_size if resize is None else resize
+        self.resize_mode = check_resize_mode(resize_mode, "evaluators.voc07_svm.resize_mode")
         self.folds, self.pos_weight = folds, pos_weight
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_split, self.test_split = train_split, test_split
 
+    def transform(self) -> Compose:
+        """The image transform of both splits."""
+        return eval_transform(self.resize, self.image_size, self.resize_mode)
+
     def features(self, ctx: Context, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Cached pooled features ``(N, C)``, VOC flags ``(N, K)`` and class names of ``split``."""
         paths, labels, classes = read_voc_classification(self.root, split)
-        transform = eval_transform(resize=self.image_size, size=self.image_size)
-        feats = cached_features(ctx.backbone, paths, transform, ctx.device, tag=f"voc07-{split}",
+        feats = cached_features(ctx.backbone, paths, self.transform(), ctx.device, tag=f"voc07-{split}",
                                 batch_size=self.batch_size, num_workers=self.num_workers,
-                                min_side=self.image_size)
+                                min_side=eval_min_side(self.resize, self.resize_mode))
         return feats, torch.as_tensor(labels), classes
 
     def __call__(self, ctx: Context) -> dict[str, float]:

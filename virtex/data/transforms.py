@@ -8,6 +8,11 @@ in [0, 1] and :class:`Normalize` a standardised float tensor. Randomness comes f
 torch's global RNG, so seeding torch (per DataLoader worker) makes a pipeline
 reproducible. Run pipelines with one intra-op thread, as DataLoader workers do.
 
+Decoding (every path: :func:`decode`) gives upright 8-bit RGB as the original's
+``cv2.imread`` does: EXIF orientation applied, every PIL mode converted by the rules of
+:mod:`virtex.data.image_modes`. :func:`eval_transform` with ``resize_mode='exact'`` is the
+original VirTex's evaluation transform pixel for pixel (:mod:`virtex.data.cv_resize`).
+
 Reduced-size decoding. libjpeg can decode at 1/2, 1/4 or 1/8 scale (DCT scaling,
 PIL's ``Image.draft``), skipping most of the work. Two rules use it:
 
@@ -35,13 +40,18 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from virtex.data.cv_resize import resize_linear, smallest_max_size
+from virtex.data.image_modes import apply_orientation, orientation, oriented_size, to_rgb
+
 try:  # deprecated in torchvision 0.29 (for TorchCodec); without it, PIL decodes everything
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
 except ImportError:  # pragma: no cover - depends on the torchvision release
     decode_jpeg = None
 
 from virtex.data.readers import DataFormatError
+from virtex.errors import UserError
 
+RESIZE_MODES = ("exact", "antialias")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _GRAY = (0.2989, 0.587, 0.114)  # luma weights of torchvision's tensor ops (ITU-R 601-2)
@@ -51,12 +61,26 @@ Sample = dict
 
 
 # ----------------------------------------------------------------------------- decoding
+def _bomb(path: object, e: Exception) -> DataFormatError:
+    return DataFormatError(f"image {path} is too large to decode safely ({e}); "
+                           "expected at most PIL.Image.MAX_IMAGE_PIXELS "
+                           f"({Image.MAX_IMAGE_PIXELS}) pixels")
+
+
 def open_image(path: str | Path) -> Image.Image:
-    """Open ``path`` lazily: only the header is read, pixels are decoded later."""
+    """Open ``path`` lazily: only the header is read, pixels are decoded later.
+
+    A header claiming more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (a decompression
+    bomb, a warning in PIL up to twice the limit) is a :class:`DataFormatError` naming the file.
+    """
     try:
-        return Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
     except FileNotFoundError:
         raise DataFormatError(f"image not found: {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _bomb(path, e) from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataFormatError(f"cannot read image {path}: {e}") from None
 
@@ -75,24 +99,29 @@ def draft_factor(width: int, height: int, need_w: int, need_h: int) -> int:
 
 
 def decode(img: Image.Image, factor: int = 1) -> tuple[Image.Image, float]:
-    """Finish decoding ``img`` as RGB, at 1/``factor`` scale when it is a lazy JPEG.
+    """Finish decoding ``img`` as upright 8-bit RGB, at 1/``factor`` scale for a lazy JPEG.
 
-    Returns ``(image, scale)`` where ``scale`` is the factor actually used (original
-    pixels per decoded pixel; 1.0 for an already decoded or non-JPEG image).
+    Upright: the EXIF orientation is applied (as the original's ``cv2.imread`` does); any
+    mode becomes RGB by the rules of :mod:`virtex.data.image_modes`. Returns
+    ``(image, scale)`` where ``scale`` is the factor actually used (original pixels per
+    decoded pixel; 1.0 for an already decoded or non-JPEG image).
     """
     scale = 1.0
+    path = getattr(img, "filename", "")
     try:
+        turn = orientation(img)
         if is_lazy(img) and factor > 1:
             w, h = img.size
             drafted = img.draft("RGB", (max(1, w // factor), max(1, h // factor)))
             if drafted is not None:
                 scale = w / drafted[1][2]
-        if img.mode != "RGB":
-            img = img.convert("RGB")  # grayscale / CMYK / palette images
-        else:
-            img.load()
-    except OSError as e:  # truncated or corrupt data
-        raise DataFormatError(f"cannot decode image {getattr(img, 'filename', '')}: {e}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = apply_orientation(to_rgb(img), turn)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _bomb(path, e) from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data, odd modes
+        raise DataFormatError(f"cannot decode image {path}: {e}") from None
     return img, scale
 
 
@@ -104,7 +133,8 @@ def decode_tensor(img: Image.Image, factor: int = 1) -> tuple[torch.Tensor, floa
     copy out to numpy); anything else is decoded by PIL.
     """
     path = getattr(img, "filename", "")
-    if factor == 1 and is_lazy(img) and img.format == "JPEG" and path and decode_jpeg:
+    if (factor == 1 and is_lazy(img) and img.format == "JPEG" and img.mode in ("RGB", "L")
+            and path and decode_jpeg and orientation(img) == 1):
         try:
             with warnings.catch_warnings():  # the deprecation notice, once per image
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -118,13 +148,13 @@ def decode_tensor(img: Image.Image, factor: int = 1) -> tuple[torch.Tensor, floa
 
 
 def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
-    """Decode ``path`` as RGB; with ``min_side``, as small as keeps the short side >= it.
+    """Decode ``path`` as upright RGB; with ``min_side``, as small as keeps the short side >= it.
 
     The reduced decode uses JPEG DCT scaling (1/2, 1/4, 1/8), so it only happens when
     the image is at least twice as large as needed; other formats decode at full size.
     """
     img = open_image(path)
-    factor = draft_factor(*img.size, min_side, min_side) if min_side else 1
+    factor = draft_factor(*oriented_size(img), min_side, min_side) if min_side else 1
     return decode(img, factor)[0]
 
 
@@ -240,7 +270,7 @@ class RandomResizedCrop:
         if isinstance(img, torch.Tensor):
             top, left, h, w = self.params(img.shape[-1], img.shape[-2])
         else:
-            top, left, h, w = self.params(*img.size)
+            top, left, h, w = self.params(*oriented_size(img))
             factor = draft_factor(w, h, out_w, out_h) if self.reduced_decode else 1
             img, s = decode_tensor(img, factor)
             if s != 1:  # the same box in decoded pixels
@@ -254,19 +284,38 @@ class RandomResizedCrop:
         return f"RandomResizedCrop(size={self.size}, scale={self.scale})"
 
 
-class Resize:
-    """Resize the short side to ``size`` (bilinear, antialiased), keeping the aspect ratio.
+def check_resize_mode(mode: str, where: str = "resize_mode") -> str:
+    """``mode`` if it is one of :data:`RESIZE_MODES`, else a :class:`UserError` naming ``where``."""
+    if mode not in RESIZE_MODES:
+        raise UserError(f"{where} = {mode!r}: expected one of "
+                        + ", ".join(repr(m) for m in RESIZE_MODES))
+    return mode
 
-    A lazily opened JPEG is decoded at the largest DCT factor keeping the short side >= size.
+
+class Resize:
+    """Resize the short side to ``size``, keeping the aspect ratio.
+
+    ``mode='exact'`` (the original VirTex): full-size decode, new size by
+    albumentations' SmallestMaxSize rule (:func:`smallest_max_size`), bilinear *without*
+    antialiasing with exactly ``cv2.resize(INTER_LINEAR)``'s pixels (:mod:`cv_resize`).
+    ``mode='antialias'`` (ours): torch's antialiased bilinear, the long side truncated,
+    and a lazily opened JPEG decoded at the largest DCT factor keeping the short side >= size
+    (``reduced_decode``).
     """
 
     accepts_lazy_image = True
 
-    def __init__(self, size: int = 256, reduced_decode: bool = True) -> None:
+    def __init__(self, size: int = 256, reduced_decode: bool = True,
+                 mode: str = "antialias") -> None:
         self.size = size
-        self.reduced_decode = reduced_decode
+        self.mode = check_resize_mode(mode, "Resize.mode")
+        self.reduced_decode = reduced_decode and mode == "antialias"
 
     def _target(self, w: int, h: int) -> tuple[int, int]:
+        """Output ``(width, height)`` for an input of ``w x h``."""
+        if self.mode == "exact":
+            new_h, new_w = smallest_max_size(h, w, self.size)
+            return new_w, new_h
         if w <= h:
             return self.size, int(self.size * h / w)
         return int(self.size * w / h), self.size
@@ -276,25 +325,38 @@ class Resize:
         if isinstance(img, torch.Tensor):
             w, h = self._target(img.shape[-1], img.shape[-2])
         else:
-            w, h = self._target(*img.size)
-            factor = draft_factor(*img.size, self.size, self.size) if self.reduced_decode else 1
+            w, h = self._target(*oriented_size(img))
+            factor = draft_factor(*oriented_size(img), self.size, self.size) \
+                if self.reduced_decode else 1
             img = decode_tensor(img, factor)[0]
+        if self.mode == "exact":
+            hwc = img.permute(1, 2, 0).numpy()
+            out = torch.from_numpy(resize_linear(hwc, h, w)).permute(2, 0, 1)
+            return {**sample, "image": out}
         out = F.resize(img, [h, w], antialias=True)
         return {**sample, "image": _detach_pixels(out, img)}
 
     def __repr__(self) -> str:
-        return f"Resize({self.size})"
+        return f"Resize({self.size})" if self.mode == "antialias" \
+            else f"Resize({self.size}, mode={self.mode!r})"
 
 
 class CenterCrop:
-    """Central ``size`` crop (zero padding where the image is smaller)."""
+    """Central ``size`` crop, top-left ``((H - h) // 2, (W - w) // 2)`` as the original's
+    CenterCrop (torchvision rounds the halves instead); zero padding where the image is
+    smaller."""
 
     def __init__(self, size: int | Sequence[int] = 224) -> None:
         self.size = _pair(size)
 
     def __call__(self, sample: Sample) -> Sample:
         img = _uint8_view(sample["image"])
-        out = F.center_crop(img, list(self.size))
+        (h, w), (H, W) = self.size, img.shape[-2:]
+        if H >= h and W >= w:
+            top, left = (H - h) // 2, (W - w) // 2
+            out = img[..., top: top + h, left: left + w]
+        else:
+            out = F.center_crop(img, list(self.size))
         if not isinstance(sample["image"], torch.Tensor):
             out = _detach_pixels(out, img)
         return {**sample, "image": out}
@@ -424,20 +486,22 @@ class ColorJitter:
 class Normalize:
     """PIL image or tensor -> float32 CHW tensor standardised by ``mean``/``std``.
 
-    uint8 input is scaled to [0, 1] first; float input is taken to be in [0, 1].
+    uint8 input as the original (albumentations' Normalize, max pixel value 255), in
+    float32: ``(x - 255 * mean) * (1 / (255 * std))`` (within 5e-7 of ``(x / 255 - mean) / std``);
+    float input is taken to be in [0, 1]: ``(x - mean) / std``.
     """
 
     def __init__(self, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self._scale = 1 / (255 * self.std)  # uint8: (x / 255 - mean) / std == x * a + b
-        self._shift = -self.mean / self.std
+        self._shift = self.mean * 255  # uint8: (x - 255 mean) * 1 / (255 std), all float32
+        self._scale = torch.reciprocal(self.std * 255)
 
     def __call__(self, sample: Sample) -> Sample:
         x = _uint8_view(sample["image"])
         if x.dtype == torch.uint8:
-            x = x.float().mul_(self._scale).add_(self._shift)
+            x = x.float().sub_(self._shift).mul_(self._scale)
         else:
             x = (x - self.mean).div_(self.std)
         return {**sample, "image": x.contiguous()}
@@ -454,6 +518,17 @@ def train_transform(size: int = 224, scale: tuple[float, float] = (0.2, 1.0),
                     HorizontalFlip(0.5), ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8), Normalize()])
 
 
-def eval_transform(resize: int = 256, size: int = 224) -> Compose:
-    """Evaluation: short side to ``resize``, central ``size`` crop, normalise."""
-    return Compose([Resize(resize), CenterCrop(size), Normalize()])
+def eval_transform(resize: int = 256, size: int = 224, resize_mode: str = "antialias") -> Compose:
+    """Evaluation: short side to ``resize``, central ``size`` crop, normalise.
+
+    ``resize_mode='exact'`` is the original VirTex's evaluation transform pixel for pixel
+    (full decode, cv2-exact bilinear without antialiasing; see :class:`Resize`): the paper
+    specs use it, with ``resize`` 224 for pretraining samples and 256 for VOC07 and captioning.
+    ``'antialias'`` is ours (antialiased resize of a reduced-size JPEG decode).
+    """
+    return Compose([Resize(resize, mode=resize_mode), CenterCrop(size), Normalize()])
+
+
+def eval_min_side(resize: int, resize_mode: str) -> int | None:
+    """The ``min_side`` to decode at for :func:`eval_transform` (None: full size, for 'exact')."""
+    return resize if check_resize_mode(resize_mode) == "antialias" else None

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from virtex import dist
 from virtex.data.loader import data_loader
 from virtex.data.readers import IMAGE_EXTENSIONS
-from virtex.data.transforms import eval_transform, load_image
+from virtex.data.transforms import eval_min_side, eval_transform, load_image
 from virtex.evaluation.gallery import thumbnail_uri
 from virtex.models.decoding import beam_search_all
 
@@ -33,9 +33,11 @@ class Caption:
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[Path], resize: int, size: int, thumbnail: int | None):
-        self.paths, self.min_side, self.thumbnail = list(paths), resize, thumbnail
-        self.transform = eval_transform(resize, size)
+    def __init__(self, paths: Sequence[Path], resize: int, size: int, thumbnail: int | None,
+                 resize_mode: str = "exact"):
+        self.paths, self.thumbnail = list(paths), thumbnail
+        self.min_side = eval_min_side(resize, resize_mode)
+        self.transform = eval_transform(resize, size, resize_mode)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -102,12 +104,16 @@ def _decode(model: nn.Module, images: torch.Tensor, method: str, beam_size: int,
 
 def caption_files(model: nn.Module, paths: Sequence[Path], device: torch.device, *,
                   batch_size: int = 32, num_workers: int = 0, image_size: int = 224,
-                  resize: int = 256, method: str = "beam", beam_size: int = 5,
+                  resize: int = 256, resize_mode: str = "exact", method: str = "beam", beam_size: int = 5,
                   max_length: int = 30, all_beams: bool = False, thumbnail: int | None = None,
                   log: Callable[[str], None] = print, progress: bool = True,
                   desc: str = "captioning") -> tuple[list[Caption], list[tuple[int, str]]]:
-    """Caption ``paths``; returns (captions, [(index, reason) of unreadable images])."""
-    loader = data_loader(_ImageFiles(paths, resize, image_size, thumbnail), batch_size=batch_size,
+    """Caption ``paths``; returns (captions, [(index, reason) of unreadable images]).
+
+    Images: short side to ``resize``, central ``image_size`` crop (``resize_mode``: 'exact',
+    the original's pixels, or 'antialias', ours; see :func:`eval_transform`)."""
+    dataset = _ImageFiles(paths, resize, image_size, thumbnail, resize_mode)
+    loader = data_loader(dataset, batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate)
     was_training = model.training
     model.eval()

@@ -16,6 +16,10 @@ from virtex.data.loader import data_loader
 from virtex.data.transforms import Compose, load_image
 from virtex.io import atomic_write
 
+# Part of every cache key: bump it when decoding or the transforms change pixels without
+# changing the transform's repr (2: EXIF orientation, image modes, floored crop offsets).
+PIXELS_VERSION = 2
+
 
 class _Images(Dataset):
     def __init__(self, paths: Sequence[Path], transform: Compose, min_side: int | None):
@@ -81,6 +85,7 @@ def features_key(backbone: nn.Module, paths: Sequence[Path], transform: Compose,
                  min_side: object = None) -> str:
     """The cache key of :func:`cached_features`: weights, transform, decode size, images."""
     h = hashlib.sha1()
+    h.update(f"pixels-v{PIXELS_VERSION}".encode())
     h.update(weights_hash(backbone).encode())
     h.update(repr(transform).encode())
     h.update(repr(min_side).encode())
