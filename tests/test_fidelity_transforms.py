@@ -132,7 +132,7 @@ def test_paper_specs_use_the_original_transforms(spec_objects) -> None:
     from virtex.evaluation.captioner import _ImageFiles
 
     photo = DIR / _meta()["grace_hopper"]["file"]
-    voc = spec_objects("downstream/voc07_svm", "evaluators", "voc07_svm",
+    voc = spec_objects("downstream/voc07", "evaluators", "voc07_svm",
                        ["ckpt=None", "data_root=unused"])
     assert (voc.resize, voc.image_size, voc.resize_mode) == (256, 224, "exact")
     got = voc.transform()({"image": T.open_image(photo)})["image"]
@@ -141,7 +141,7 @@ def test_paper_specs_use_the_original_transforms(spec_objects) -> None:
     got = sample_tf({"image": T.open_image(photo)})["image"]
     assert torch.equal(got, _normalised("grace_hopper", "pretrain_val"))
     for spec, name, params in [("inference/caption_folder", "caption_folder", ["images=x"]),
-                               ("downstream/coco_captioning", "coco_captioning", [])]:
+                               ("downstream/captioning", "coco_captioning", [])]:
         evaluator = spec_objects(spec, "evaluators", name, ["ckpt=None", *params],
                                  **({} if name == "caption_folder" else {"root": "x"}))
         d = evaluator.decoding

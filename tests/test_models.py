@@ -302,3 +302,21 @@ def test_unknown_loss_or_masking_names_the_binding():
         MultilabelClassificationModel(backbone, 7, loss="focal")
     with pytest.raises(UserError, match=r"tasks.masked_lm.masking: unknown 'span'"):
         MaskedLMModel(backbone, make_head(), MASK, VOCAB, masking="span")
+
+
+def test_backward_head_starts_as_a_copy_of_the_forward_head() -> None:
+    """The original deep-copies the forward head: both transformers start equal, then
+    train apart; embedding, output layer and visual projection are shared."""
+    from virtex.models.objectives import BicaptioningModel
+    from virtex.models.textual import TransformerTextualHead
+    from virtex.models.visual import ResNetBackbone
+
+    torch.manual_seed(0)
+    head = TransformerTextualHead(512, 50, size="L2_H64_A2_F128")
+    model = BicaptioningModel(ResNetBackbone("resnet18"), head)
+    forward, backward = model.textual, model.textual_backward
+    for (name, a), (_, b) in zip(forward.layers.named_parameters(),
+                                 backward.layers.named_parameters()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+    assert backward.embedding is forward.embedding and backward.output is forward.output
+    assert backward.visual_projection is forward.visual_projection

@@ -3,6 +3,7 @@ dict to ``{"loss": scalar, "losses": {name: detached scalar}}``."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -117,9 +118,10 @@ class CaptioningModel(nn.Module):
 class BicaptioningModel(CaptioningModel):
     """VirTex bicaptioning: forward captioning plus backward captioning of ``noitpac_tokens``.
 
-    The backward head (a fresh head with the forward head's config unless given) shares
-    the forward head's embedding, tied output layer and visual projection, as in the
-    original VirTex code; its transformer layers are its own. loss = forward + backward.
+    The backward head (unless given, a copy of the forward head made here, so that both
+    transformers start from the same weights, as in the original VirTex code) shares the
+    forward head's embedding, tied output layer and visual projection; its transformer
+    layers are its own. loss = forward + backward.
     """
 
     def __init__(
@@ -132,8 +134,8 @@ class BicaptioningModel(CaptioningModel):
         eos_idx: int = 3,
     ):
         super().__init__(visual, textual, label_smoothing, sos_idx, eos_idx)
-        if textual_backward is None:
-            textual_backward = TransformerTextualHead(**textual.config)
+        if textual_backward is None:  # as the original: a copy, so both start the same
+            textual_backward = copy.deepcopy(textual)
         textual_backward.share_embedding_with(textual)
         textual_backward.visual_projection = textual.visual_projection
         self.textual_backward = textual_backward
