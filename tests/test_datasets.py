@@ -53,7 +53,7 @@ def test_caption_item(shapes_root: Path, tok: SentencePieceTokenizer) -> None:
         assert item["image_id"].item() == record.image_id
         text = tok.decode(fwd.tolist())  # a caption, maybe flipped, maybe truncated
         candidates = [c.lower() for c in record.captions]
-        candidates += [V.swap_left_right(c) for c in candidates]
+        candidates += [V.swap_left_right_substrings(c) for c in candidates]
         assert any(c.startswith(text) for c in candidates)
 
 
@@ -79,7 +79,7 @@ def test_flip_happens_before_tokenisation(shapes_root: Path, tok: SentencePieceT
         torch.manual_seed(index)
         b_item = kept[index]
         b = tok.decode(b_item["caption_tokens"].tolist())
-        assert a == V.swap_left_right(b)
+        assert a == V.swap_left_right_substrings(b)
         seen_left |= "left" in b
         torch.manual_seed(index)
         torch.testing.assert_close(flipped[index]["image"], b_item["image"].flip(-1))

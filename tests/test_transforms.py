@@ -12,6 +12,7 @@ from PIL import Image
 
 from virtex.data import transforms as V
 from virtex.data.readers import DataFormatError
+from virtex.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,15 +58,33 @@ def test_swap_left_right(text: str, expected: str) -> None:
 def test_flip_mirrors_pixels_and_caption() -> None:
     arr = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     sample = {"image": Image.fromarray(arr), "caption": "a cat left of a bright dog"}
-    out = V.HorizontalFlip(p=1.0)(sample)
+    out = V.HorizontalFlip(p=1.0, caption_swap="word")(sample)
     np.testing.assert_array_equal(np.asarray(out["image"]), arr[:, ::-1])
     assert out["caption"] == "a cat right of a bright dog"
+    # The original's swap: substrings of the lowercased caption.
+    original = V.HorizontalFlip(p=1.0)({**sample, "caption": "A Cat LEFT of a bright Crème"})
+    assert original["caption"] == "a cat right of a bleft creme"
     assert sample["caption"] == "a cat left of a bright dog"  # input left untouched
     t = torch.from_numpy(arr).permute(2, 0, 1)
     np.testing.assert_array_equal(_pixels(V.HorizontalFlip(1.0)({"image": t})["image"]),
                                   arr[:, ::-1])
     same = V.HorizontalFlip(p=0.0)(sample)
     assert same["caption"] == sample["caption"] and same["image"] is sample["image"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a dog on the left", "a dog on the right"),
+    ("leftover copyright", "rightover copyleft"),
+    ("leftright", "rightleft"),
+    ("Right", "left"),
+])
+def test_swap_left_right_substrings_as_the_original(text: str, expected: str) -> None:
+    assert V.swap_left_right_substrings(text) == expected
+
+
+def test_bad_caption_swap() -> None:
+    with pytest.raises(UserError, match=r"caption_swap = 'words': expected one of 'substring'"):
+        V.HorizontalFlip(caption_swap="words")
 
 
 def test_flip_probability() -> None:

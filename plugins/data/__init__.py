@@ -6,7 +6,7 @@ import functools
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import gin
 
@@ -69,9 +69,11 @@ def coco_captions(root: str = gin.REQUIRED, split: str = "train2017",
     return dataset
 
 
-def train(size: int = 224, scale: tuple[float, float] = (0.2, 1.0)) -> T.Compose:
-    """Pretraining augmentation: random resized crop, flip with left/right swap, colour jitter."""
-    return T.train_transform(size, tuple(scale))
+def train(size: int = 224, scale: tuple[float, float] = (0.2, 1.0),
+          caption_swap: Literal["substring", "word"] = "substring") -> T.Compose:
+    """Pretraining augmentation: random resized crop, flip with left/right swap
+    (``caption_swap``: 'substring' as the original, 'word' whole words), colour jitter."""
+    return T.train_transform(size, tuple(scale), caption_swap=caption_swap)
 
 
 def evaluation(resize: int = 256, size: int = 224, resize_mode: str = "exact") -> T.Compose:

@@ -382,11 +382,32 @@ def swap_left_right(text: str) -> str:
     return _LEFT_RIGHT.sub(_swap_word, text)
 
 
-class HorizontalFlip:
-    """Mirror the image with probability ``p``, and swap "left"/"right" in the caption."""
+_SUBSTRING = re.compile("left|right")
+CAPTION_SWAPS = ("substring", "word")
 
-    def __init__(self, p: float = 0.5) -> None:
+
+def swap_left_right_substrings(text: str) -> str:
+    """The original VirTex swap: on the normalised (lowercased) caption, every substring
+    "left" becomes "right" and vice versa ("bright" -> "bleft", "leftover" -> "rightover")."""
+    from virtex.data.tokenizer import normalize_caption
+
+    return _SUBSTRING.sub(lambda m: "right" if m[0] == "left" else "left",
+                          normalize_caption(text))
+
+
+class HorizontalFlip:
+    """Mirror the image with probability ``p``, and swap "left"/"right" in the caption:
+    ``caption_swap='substring'`` as the original (:func:`swap_left_right_substrings`),
+    ``'word'`` whole words only, keeping case (:func:`swap_left_right`)."""
+
+    def __init__(self, p: float = 0.5, caption_swap: str = "substring") -> None:
+        if caption_swap not in CAPTION_SWAPS:
+            raise UserError(f"caption_swap = {caption_swap!r}: expected one of "
+                            f"{', '.join(map(repr, CAPTION_SWAPS))}")
         self.p = p
+        self.caption_swap = caption_swap
+        self._swap = swap_left_right_substrings if caption_swap == "substring" \
+            else swap_left_right
 
     def __call__(self, sample: Sample) -> Sample:
         if torch.rand(()).item() >= self.p:
@@ -398,11 +419,11 @@ class HorizontalFlip:
             img = decode(img)[0].transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         out = {**sample, "image": img}
         if isinstance(sample.get("caption"), str):
-            out["caption"] = swap_left_right(sample["caption"])
+            out["caption"] = self._swap(sample["caption"])
         return out
 
     def __repr__(self) -> str:
-        return f"HorizontalFlip(p={self.p})"
+        return f"HorizontalFlip(p={self.p}, caption_swap={self.caption_swap!r})"
 
 
 # ----------------------------------------------------------------------------- colour
@@ -512,10 +533,11 @@ class Normalize:
 
 # ----------------------------------------------------------------------------- presets
 def train_transform(size: int = 224, scale: tuple[float, float] = (0.2, 1.0),
-                    reduced_decode: bool = True) -> Compose:
+                    reduced_decode: bool = True, caption_swap: str = "substring") -> Compose:
     """VirTex pretraining augmentation: crop, flip (+ caption swap), colour jitter, normalise."""
     return Compose([RandomResizedCrop(size, scale, reduced_decode=reduced_decode),
-                    HorizontalFlip(0.5), ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8), Normalize()])
+                    HorizontalFlip(0.5, caption_swap), ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
+                    Normalize()])
 
 
 def eval_transform(resize: int = 256, size: int = 224, resize_mode: str = "antialias") -> Compose:
