@@ -271,9 +271,16 @@ class _PaperStepper:
     """Next-token log-probabilities of the original's decoding step for prefixes that do not
     include [SOS] (positions 0..t-1); every fed token is attended, [PAD] id included."""
 
-    def __init__(self, head: TransformerTextualHead, memory: torch.Tensor, use_cache: bool):
-        self.head, self.memory = head, memory
-        self.cache: KVCache | None = head.init_cache(memory) if use_cache else None
+    def __init__(self, head: TransformerTextualHead, memory: torch.Tensor, beams: int,
+                 use_cache: bool):
+        """``memory`` (N, S, H) of the images; rows i*beams .. +beams-1 decode image i."""
+        index = torch.arange(memory.size(0), device=memory.device).repeat_interleave(beams)
+        self.head, self.memory, self.cache = head, None, None
+        if use_cache:  # cross-attention K/V once per image, then repeated over its beams
+            self.cache = head.init_cache(memory)
+            self.cache.index_select(index)
+        else:
+            self.memory = memory.index_select(0, index)
 
     def reorder(self, index: torch.Tensor) -> None:
         if self.cache is not None:
@@ -312,15 +319,15 @@ def paper_beams(
     original's greedy decoding. With ``use_cache`` the steps from 2 on use a KV cache
     (step 1's is dropped: the prefix changes), else the decoder re-runs over the prefix.
     """
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if beam_size < 1 or max_length < 1:
+        raise ValueError(f"beam_size and max_length must be >= 1, got {beam_size}, {max_length}")
     n, b = visual_features.size(0), beam_size
     memory = head.encode_visual(visual_features)
     start = torch.full((n, 1), sos_idx, dtype=torch.long, device=memory.device)
     first = head.decode(start, memory, mask_padding=False)[:, -1].log_softmax(dim=-1)
     scores, tokens = first.topk(b, dim=1)
     tokens = tokens.view(n * b, 1)
-    stepper = _PaperStepper(head, memory.repeat_interleave(b, dim=0), use_cache)
+    stepper = _PaperStepper(head, memory, b, use_cache)
     k = min(PER_NODE_BEAM_SIZE, first.size(-1))
     base = torch.arange(n, device=memory.device)[:, None] * b
     after_eos = torch.full_like(first[0], float("-inf"))
