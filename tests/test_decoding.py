@@ -306,3 +306,13 @@ def test_cached_equals_naive_on_cuda_and_matches_the_cpu(method):
     on_cpu = decoding.generate(head, feats, method, max_length=20)
     cached, naive = both_paths(head.cuda(), feats.cuda(), method, max_length=20)
     assert cached == naive == on_cpu
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("beam_size", [1, 5])
+def test_paper_cached_equals_naive_on_cuda_and_matches_the_cpu(beam_size):
+    head, feats = random_head(0), features(8, 0)
+    on_cpu, _ = decoding.paper_beams(head, feats, SOS, EOS, 20, beam_size)
+    (cached, _), (naive, _) = paper_both_paths(head.cuda(), feats.cuda(), beam_size)
+    assert torch.equal(cached.cpu(), naive.cpu())
+    assert torch.equal(cached.cpu(), on_cpu)
