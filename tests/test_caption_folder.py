@@ -122,6 +122,17 @@ def test_missing_folder_is_a_user_error(setup, tmp_path, capfd):
     assert f"'{tmp_path / 'nope'}' is not a folder" in capfd.readouterr().err
 
 
+@pytest.mark.parametrize(("params", "message"), [
+    (["evaluators.caption_folder.decoder='orig'"],
+     "evaluators.caption_folder.decoder = 'orig': expected one of paper, standard"),
+    (["evaluators.caption_folder.method='nucleus'"],
+     "evaluators.caption_folder.method = 'nucleus' needs decoder = 'standard'"),
+])
+def test_bad_decoding_options_are_user_errors(setup, tmp_path, capfd, params, message):
+    assert caption_folder(setup, tmp_path / "run", *params) == 2
+    assert message in capfd.readouterr().err
+
+
 def test_best_of_all_beams_is_the_generated_caption_and_scores_are_log_probs(setup, monkeypatch):
     monkeypatch.setenv("VIRTEX_CACHE", str(setup["tmp"] / "cache"))
     torch.manual_seed(1)

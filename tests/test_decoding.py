@@ -206,6 +206,97 @@ def test_model_generate_api():
             assert all(isinstance(t, int) for c in captions for t in c)
         with pytest.raises(ValueError, match="unknown decoding method"):
             model.generate(images, method="sample")
+        for method in ("greedy", "beam"):
+            captions = model.generate(images, method=method, beam_size=2, decoder="paper")
+            assert len(captions) == 2 and all(len(c) <= 30 for c in captions)
+
+
+def paper_both_paths(head, feats, beam_size, max_length=20):
+    cached = decoding.paper_beams(head, feats, SOS, EOS, max_length, beam_size, use_cache=True)
+    naive = decoding.paper_beams(head, feats, SOS, EOS, max_length, beam_size, use_cache=False)
+    return cached, naive
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_paper_cached_equals_naive_on_random_weights(seed, norm_first):
+    head = random_head(seed, norm_first=norm_first)
+    feats = features(4, seed)
+    for beam_size in (1, 3, 5):
+        (tokens, scores), (naive_tokens, naive_scores) = paper_both_paths(head, feats, beam_size)
+        assert torch.equal(tokens, naive_tokens)
+        assert torch.allclose(scores, naive_scores, atol=1e-9, rtol=0)
+        assert len({tuple(row) for row in tokens[:, 0].tolist()}) > 1
+    kwargs = {"max_length": 20, "sos_idx": SOS, "eos_idx": EOS, "decoder": "paper"}
+    for method in ("greedy", "beam"):
+        cached, naive = both_paths(head, feats, method, **kwargs)
+        assert cached == naive
+    assert decoding.generate(head, feats, "beam", beam_size=1, **kwargs) == \
+        decoding.generate(head, feats, "greedy", **kwargs)
+
+
+def test_paper_scores_are_sums_of_the_originals_step_log_probs():
+    """Score = log p(y1 | [SOS]) + sum over t of log p(y_t | y_1..y_t-1 fed WITHOUT [SOS]),
+    up to and including the first [EOS]; no length normalisation."""
+    head, feats = random_head(6), features(3, 6)
+    with torch.no_grad():
+        head.output.bias[EOS] = 2.0  # some beams end early
+        memory = head.encode_visual(feats)
+        beams = decoding.beam_search_all(head, feats, SOS, EOS, max_length=10, beam_size=4,
+                                         decoder="paper")
+        ended = 0
+        for i, row in enumerate(beams):
+            assert [s for _, s in row] == sorted((s for _, s in row), reverse=True)
+            tokens, _ = decoding.paper_beams(head, feats[i: i + 1], SOS, EOS, 10, 4)
+            for (ids, score), full in zip(row, tokens[0].tolist()):
+                full = full[: full.index(EOS) + 1] if EOS in full else full
+                ended += full[-1] == EOS
+                expected = head.decode(torch.tensor([[SOS]]), memory[i: i + 1])[0, 0]
+                total = expected.log_softmax(-1)[full[0]].item()
+                for t in range(1, len(full)):
+                    prefix = torch.tensor([full[:t]])
+                    logits = head.decode(prefix, memory[i: i + 1], mask_padding=False)[0, -1]
+                    total += logits.log_softmax(-1)[full[t]].item()
+                assert score == pytest.approx(total, abs=1e-9)
+                assert ids == [t for t in full if t not in (SOS, EOS)]
+    assert 0 < ended < 12
+
+
+def test_paper_rules_differ_from_the_standard_decoder():
+    head, feats = random_head(5, max_len=12), features(3, 5)
+    kwargs = {"sos_idx": SOS, "eos_idx": EOS, "max_length": 6}
+    with torch.no_grad():
+        head.output.bias[EOS] = 1e4  # [EOS] first: empty captions
+    assert decoding.generate(head, feats, "beam", decoder="paper", **kwargs) == [[], [], []]
+    with torch.no_grad():
+        head.output.bias[EOS] = -1e4
+        head.output.bias[7] = 1e4
+    assert decoding.generate(head, feats, "beam", **kwargs) == [[7] * 6] * 3
+    for method in ("greedy", "beam"):  # the token just produced gets -10000: no repeats
+        for caption in decoding.generate(head, feats, method, decoder="paper", **kwargs):
+            assert len(caption) == 6 and caption.count(7) == 3
+            assert all(a != b for a, b in zip(caption, caption[1:]))
+    with torch.no_grad():
+        head.output.bias[7] = 0.0
+        head.output.bias[SOS] = 1e4  # nothing is forbidden at step 1
+        tokens, _ = decoding.paper_beams(head, feats, SOS, EOS, max_length=6, beam_size=1)
+    assert tokens[:, 0, 0].tolist() == [SOS] * 3
+    with torch.no_grad():
+        head.output.bias[SOS] = 0.0
+        head.output.bias[PAD] = 1e4  # padding id generated, then attended (not masked)
+    (tokens, scores), (naive, naive_scores) = paper_both_paths(head, feats, 3, max_length=8)
+    assert (tokens == PAD).any() and torch.equal(tokens, naive)
+    assert torch.isfinite(scores).all() and torch.allclose(scores, naive_scores)
+
+
+def test_paper_decoder_options():
+    head, feats = random_head(0), features(2, 0)
+    with pytest.raises(ValueError, match="exists only for decoder 'standard'"):
+        decoding.generate(head, feats, "nucleus", decoder="paper")
+    with pytest.raises(ValueError, match="unknown decoder 'orig'"):
+        decoding.generate(head, feats, "beam", decoder="orig")
+    with pytest.raises(ValueError, match="unknown decoder"):
+        decoding.beam_search_all(head, feats, decoder="orig")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -215,3 +306,13 @@ def test_cached_equals_naive_on_cuda_and_matches_the_cpu(method):
     on_cpu = decoding.generate(head, feats, method, max_length=20)
     cached, naive = both_paths(head.cuda(), feats.cuda(), method, max_length=20)
     assert cached == naive == on_cpu
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("beam_size", [1, 5])
+def test_paper_cached_equals_naive_on_cuda_and_matches_the_cpu(beam_size):
+    head, feats = random_head(0), features(8, 0)
+    on_cpu, _ = decoding.paper_beams(head, feats, SOS, EOS, 20, beam_size)
+    (cached, _), (naive, _) = paper_both_paths(head.cuda(), feats.cuda(), beam_size)
+    assert torch.equal(cached.cpu(), naive.cpu())
+    assert torch.equal(cached.cpu(), on_cpu)

@@ -393,7 +393,7 @@ class Trainer:
         images = torch.stack([item["image"] for item in items]).to(ctx.device)
         model.eval()
         try:
-            tokens = model.generate(images, method="beam", beam_size=5)
+            tokens = model.generate(images, method="beam", beam_size=5, decoder="paper")
         finally:
             model.train()
         lines = [f"{int(item.get('image_id', i))}: {model.tokenizer.decode(t)}"

@@ -30,13 +30,14 @@ from virtex.evaluation.caption_model import ModelSource, is_captioning_model
 from virtex.evaluation.captioner import caption_files, gather, list_images, shard
 from virtex.evaluation.gallery import render_gallery
 from virtex.io import write_json, write_text
-from virtex.models.decoding import METHODS
+from virtex.models.decoding import DECODERS, METHODS, PAPER_METHODS
 
 _WORD = re.compile(r"[a-z]+")
 
 
 class CaptionSamples:
-    """Caption the first ``num_images`` images of a COCO-format split with beam search.
+    """Caption the first ``num_images`` images of a COCO-format split with beam search
+    (``decoder``: ``'paper'``, the original VirTex search, or ``'standard'``, ours).
 
     Writes ``caption_samples.json`` (generated caption beside the references) to the
     run directory, adds a few examples to the run summary, and returns
@@ -48,7 +49,10 @@ class CaptionSamples:
 
     def __init__(self, root: str, split: str = "val2017", num_images: int = 16,
                  image_size: int = 224, beam_size: int = 5, max_length: int = 30,
-                 show: int = 4, resize: int | None = None, resize_mode: str = "exact"):
+                 show: int = 4, resize: int | None = None, resize_mode: str = "exact",
+                 decoder: str = "paper"):
+        self.decoder = _decoding("caption_samples", "beam", beam_size, max_length, decoder,
+                                 resize_mode)["decoder"]
         self.root, self.split, self.num_images = root, split, num_images
         self.image_size, self.beam_size, self.max_length, self.show = (
             image_size, beam_size, max_length, show)
@@ -66,7 +70,7 @@ class CaptionSamples:
         was_training = model.training
         model.eval()
         tokens = model.generate(images.to(ctx.device), method="beam", beam_size=self.beam_size,
-                                max_length=self.max_length)
+                                max_length=self.max_length, decoder=self.decoder)
         model.train(was_training)
         rows, hits, total = [], 0, 0
         for record, ids in zip(records, tokens):
@@ -87,18 +91,24 @@ class CaptionSamples:
         return {"captions/word_precision": 100.0 * hits / max(1, total)}
 
 
-def _decoding(evaluator: str, method: str, beam_size: int, max_length: int, resize_mode: str,
-              **rest) -> dict:
+def _decoding(evaluator: str, method: str, beam_size: int, max_length: int, decoder: str,
+              resize_mode: str, **rest) -> dict:
     """Checked decoding (and image) options of a captioning evaluator."""
     check_resize_mode(resize_mode, f"evaluators.{evaluator}.resize_mode")
+    if decoder not in DECODERS:
+        raise UserError(f"evaluators.{evaluator}.decoder = {decoder!r}: expected one of "
+                        f"{', '.join(DECODERS)}")
     if method not in METHODS:
         raise UserError(f"evaluators.{evaluator}.method = {method!r}: expected one of "
                         f"{', '.join(METHODS)}")
+    if decoder == "paper" and method not in PAPER_METHODS:
+        raise UserError(f"evaluators.{evaluator}.method = {method!r} needs decoder = "
+                        f"'standard' (decoder 'paper' has {', '.join(PAPER_METHODS)})")
     if beam_size < 1 or max_length < 1:
         raise UserError(f"evaluators.{evaluator}: beam_size and max_length must be >= 1 "
                         f"(got {beam_size}, {max_length})")
     return {"method": method, "beam_size": beam_size, "max_length": max_length,
-            "resize_mode": resize_mode, **rest}
+            "decoder": decoder, "resize_mode": resize_mode, **rest}
 
 
 def _in_sweep(ctx: Context) -> bool:
@@ -115,7 +125,8 @@ class CocoCaptioning:
     for BLEU-1..4, METEOR, ROUGE-L, CIDEr and SPICE (skipped with a warning when the
     Stanford CoreNLP jars are not in ``spice_jar_dir``; see caption_metrics.py), on
     the paper's scale (100 x pycocoevalcap's: CIDEr 0..1000). ``num_images`` limits the
-    images (None: all).
+    images (None: all). ``decoder``: ``'paper'`` (the original VirTex search) or
+    ``'standard'`` (ours).
     """
 
     def __init__(self, root: str, split: str = "val2017",
@@ -123,9 +134,10 @@ class CocoCaptioning:
                  resize: int = 256, resize_mode: str = "exact", method: str = "beam",
                  beam_size: int = 5, max_length: int = 30, batch_size: int = 32,
                  num_workers: int = 2, num_images: int | None = None, spice: bool = True,
-                 spice_jar_dir: str | None = None, show: int = 4):
+                 spice_jar_dir: str | None = None, show: int = 4, decoder: str = "paper"):
         self.root, self.split, self.source = root, split, ModelSource(model, "coco_captioning")
-        self.decoding = _decoding("coco_captioning", method, beam_size, max_length, resize_mode,
+        self.decoding = _decoding("coco_captioning", method, beam_size, max_length, decoder,
+                                  resize_mode,
                                   image_size=image_size, resize=resize, batch_size=batch_size,
                                   num_workers=num_workers)
         self.num_images, self.spice, self.spice_jar_dir = num_images, spice, spice_jar_dir
@@ -179,18 +191,21 @@ class CaptionFolder:
     ``images``; with ``all_beams``, also ``"beams": [{"caption", "score"}]``, score = sum of
     token log-probs) and ``captions.html`` (a self-contained gallery) into ``output``
     (a folder, or a ``.json`` path with the page beside it; default: the run directory).
-    Unreadable and non-image files are reported one line each and skipped.
+    Unreadable and non-image files are reported one line each and skipped. ``decoder``:
+    ``'paper'`` (the original VirTex search) or ``'standard'`` (ours).
     """
 
     def __init__(self, images: str, model: Callable[[], torch.nn.Module] | None = None,
                  recursive: bool = False, output: str | None = None, all_beams: bool = False,
                  image_size: int = 224, resize: int = 256, resize_mode: str = "exact",
                  method: str = "beam", beam_size: int = 5, max_length: int = 30,
-                 batch_size: int = 32, num_workers: int = 2, thumbnail_size: int = 256):
+                 batch_size: int = 32, num_workers: int = 2, thumbnail_size: int = 256,
+                 decoder: str = "paper"):
         self.folder, self.recursive, self.output = Path(images), recursive, output
         self.source = ModelSource(model, "caption_folder")
         self.all_beams, self.thumbnail_size = all_beams, thumbnail_size
-        self.decoding = _decoding("caption_folder", method, beam_size, max_length, resize_mode,
+        self.decoding = _decoding("caption_folder", method, beam_size, max_length, decoder,
+                                  resize_mode,
                                   image_size=image_size, resize=resize, batch_size=batch_size,
                                   num_workers=num_workers)
 

@@ -92,13 +92,14 @@ class Progress:
 
 @torch.no_grad()
 def _decode(model: nn.Module, images: torch.Tensor, method: str, beam_size: int,
-            max_length: int, all_beams: bool) -> list[list[dict]]:
+            max_length: int, all_beams: bool, decoder: str) -> list[list[dict]]:
     decode = model.tokenizer.decode
     if all_beams and method == "beam":
         beams = beam_search_all(model.textual, model.visual(images), model.sos_idx,
-                                model.eos_idx, max_length, beam_size)
+                                model.eos_idx, max_length, beam_size, decoder=decoder)
         return [[{"caption": decode(ids), "score": score} for ids, score in row] for row in beams]
-    ids = model.generate(images, method=method, beam_size=beam_size, max_length=max_length)
+    ids = model.generate(images, method=method, beam_size=beam_size, max_length=max_length,
+                         decoder=decoder)
     return [[{"caption": decode(row)}] for row in ids]
 
 
@@ -107,11 +108,14 @@ def caption_files(model: nn.Module, paths: Sequence[Path], device: torch.device,
                   resize: int = 256, resize_mode: str = "exact", method: str = "beam", beam_size: int = 5,
                   max_length: int = 30, all_beams: bool = False, thumbnail: int | None = None,
                   log: Callable[[str], None] = print, progress: bool = True,
-                  desc: str = "captioning") -> tuple[list[Caption], list[tuple[int, str]]]:
+                  desc: str = "captioning", decoder: str = "paper",
+                  ) -> tuple[list[Caption], list[tuple[int, str]]]:
     """Caption ``paths``; returns (captions, [(index, reason) of unreadable images]).
 
     Images: short side to ``resize``, central ``image_size`` crop (``resize_mode``: 'exact',
-    the original's pixels, or 'antialias', ours; see :func:`eval_transform`)."""
+    the original's pixels, or 'antialias', ours; see :func:`eval_transform`). ``decoder``:
+    ``"paper"`` (the original VirTex search) or ``"standard"`` (ours); see
+    :mod:`virtex.models.decoding`."""
     dataset = _ImageFiles(paths, resize, image_size, thumbnail, resize_mode)
     loader = data_loader(dataset, batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate)
@@ -127,7 +131,7 @@ def caption_files(model: nn.Module, paths: Sequence[Path], device: torch.device,
             if good:
                 images = torch.stack([it["image"] for it in good]).to(device)
                 for it, beams in zip(good, _decode(model, images, method, beam_size, max_length,
-                                                   all_beams)):
+                                                   all_beams, decoder)):
                     captions.append(Caption(it["index"], beams[0]["caption"],
                                             beams if all_beams else [], it["thumbnail"]))
             bar.update(len(items))

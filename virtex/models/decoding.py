@@ -8,10 +8,16 @@ same tokens and make the same choices, so given equal logits they give equal cap
 (tests check this exactly in float64). Call ``model.eval()`` first: dropout would make
 decoding random.
 
-Conventions: generation starts from ``[SOS]``; ``[PAD]`` and ``[SOS]`` are never
-generated; a sequence stops at ``[EOS]``; at most ``max_length`` tokens are generated
-(also capped by the head's ``max_caption_length`` positions). Results are token ids
-without ``[SOS]``/``[EOS]``.
+Two decoders (``decoder=``):
+
+- ``"standard"`` (ours): generation starts from ``[SOS]``, which stays in the decoder's
+  input; ``[PAD]`` and ``[SOS]`` are never generated; a sequence stops at ``[EOS]``; at most
+  ``max_length`` tokens are generated (also capped by the head's ``max_caption_length``
+  positions). Greedy, beam and nucleus.
+- ``"paper"``: the original VirTex beam search, see :func:`paper_beams`. Beam and greedy
+  (= that search with one beam).
+
+Results are token ids without ``[SOS]``/``[EOS]``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ import torch
 from virtex.models.textual import KVCache, TransformerTextualHead
 
 METHODS = ("greedy", "beam", "nucleus")
+DECODERS = ("paper", "standard")
+PAPER_METHODS = ("greedy", "beam")
+# The original's search: each beam proposes its best 2 next tokens; the token a beam has
+# just produced gets this log-probability at its next step.
+PER_NODE_BEAM_SIZE = 2
+REPEAT_LOGPROB = -10000.0
 # Asking whether every caption has finished makes the host wait for the device; asking every
 # few steps lets a GPU queue steps ahead. Finished captions only append [PAD], so the extra
 # steps change nothing.
@@ -187,15 +199,25 @@ def beam_search_all(
     eos_idx: int = 3,
     max_length: int = 30,
     beam_size: int = 5,
+    decoder: str = "standard",
+    use_cache: bool = True,
 ) -> list[list[tuple[list[int], float]]]:
-    """Every beam of :func:`beam_search`, with its score: per image, ``beam_size`` (token
-    ids, log-probability) pairs, best first. Decoding goes on until every beam has finished
+    """Every beam of :func:`beam_search` (or, with ``decoder="paper"``, of
+    :func:`paper_beams`), with its score: per image, ``beam_size`` (token ids,
+    log-probability) pairs, best first. Decoding goes on until every beam has finished
     (or ``max_length``), so the other beams are whole captions too; the best one is
-    :func:`beam_search`'s caption."""
-    tokens, scores = _beams(head, visual_features, sos_idx, eos_idx, max_length, beam_size,
-                            use_cache=True, until_all_finished=True)
-    n, b = scores.shape
-    ids = _strip(tokens.view(n * b, -1), eos_idx, head.padding_idx)
+    :func:`generate`'s beam-search caption."""
+    _check_decoder(decoder, "beam")
+    if decoder == "paper":
+        tokens, scores = paper_beams(head, visual_features, sos_idx, eos_idx, max_length,
+                                     beam_size, use_cache)
+        n, b = scores.shape
+        ids = _paper_ids(tokens.view(n * b, -1), sos_idx, eos_idx)
+    else:
+        tokens, scores = _beams(head, visual_features, sos_idx, eos_idx, max_length,
+                                beam_size, use_cache, until_all_finished=True)
+        n, b = scores.shape
+        ids = _strip(tokens.view(n * b, -1), eos_idx, head.padding_idx)
     return [[(ids[i * b + j], float(score)) for j, score in enumerate(row)]
             for i, row in enumerate(scores.tolist())]
 
@@ -245,6 +267,109 @@ def _beams(head: TransformerTextualHead, visual_features: torch.Tensor, sos_idx:
     return tokens.view(n, b, -1), scores
 
 
+class _PaperStepper:
+    """Next-token log-probabilities of the original's decoding step for prefixes that do not
+    include [SOS] (positions 0..t-1); every fed token is attended, [PAD] id included."""
+
+    def __init__(self, head: TransformerTextualHead, memory: torch.Tensor, beams: int,
+                 use_cache: bool):
+        """``memory`` (N, S, H) of the images; rows i*beams .. +beams-1 decode image i."""
+        index = torch.arange(memory.size(0), device=memory.device).repeat_interleave(beams)
+        self.head, self.memory, self.cache = head, None, None
+        if use_cache:  # cross-attention K/V once per image, then repeated over its beams
+            self.cache = head.init_cache(memory)
+            self.cache.index_select(index)
+        else:
+            self.memory = memory.index_select(0, index)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.index_select(index, include_cross=False)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            logits = self.head.decode(tokens, self.memory, mask_padding=False)[:, -1]
+        else:
+            logits = self.head.step(tokens, None, self.cache)
+        return logits.log_softmax(dim=-1)
+
+
+@torch.no_grad()
+def paper_beams(
+    head: TransformerTextualHead,
+    visual_features: torch.Tensor,
+    sos_idx: int,
+    eos_idx: int,
+    max_length: int = 30,
+    beam_size: int = 5,
+    use_cache: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original VirTex beam search: tokens (N, B, steps) without [SOS] and summed
+    log-probs (N, B), each image's beams best first.
+
+    Step 1 feeds [SOS] alone and keeps the top ``beam_size`` tokens of its log-softmax
+    (nothing forbidden, [SOS] and [PAD] included). Each later step feeds the generated
+    tokens only, without [SOS], at positions 0..t-1; after the log-softmax the token each
+    beam has just produced gets log-prob -10000 and a finished beam (last token [EOS]) can
+    only add [EOS] at log-prob 0. Each beam proposes its top 2 tokens and the best
+    ``beam_size`` of those 2 x ``beam_size`` candidates (by score, a plain sum without
+    length normalisation) are kept, ties in ``torch.topk``'s order over (beam, rank).
+    It stops when every beam ends with [EOS] or after ``max_length`` tokens (capped by
+    the ``max_caption_length + 1`` tokens the head's positions allow). One beam is the
+    original's greedy decoding. With ``use_cache`` the steps from 2 on use a KV cache
+    (step 1's is dropped: the prefix changes), else the decoder re-runs over the prefix.
+    """
+    if beam_size < 1 or max_length < 1:
+        raise ValueError(f"beam_size and max_length must be >= 1, got {beam_size}, {max_length}")
+    n, b = visual_features.size(0), beam_size
+    memory = head.encode_visual(visual_features)
+    start = torch.full((n, 1), sos_idx, dtype=torch.long, device=memory.device)
+    first = head.decode(start, memory, mask_padding=False)[:, -1].log_softmax(dim=-1)
+    scores, tokens = first.topk(b, dim=1)
+    tokens = tokens.view(n * b, 1)
+    stepper = _PaperStepper(head, memory, b, use_cache)
+    k = min(PER_NODE_BEAM_SIZE, first.size(-1))
+    base = torch.arange(n, device=memory.device)[:, None] * b
+    after_eos = torch.full_like(first[0], float("-inf"))
+    after_eos[eos_idx] = 0.0
+
+    for step in range(1, min(max_length, head.max_caption_length + 1)):
+        last = tokens[:, -1]
+        if _should_stop(step, last == eos_idx):
+            break
+        logprobs = stepper(tokens).scatter(1, last[:, None], REPEAT_LOGPROB)
+        logprobs = torch.where((last == eos_idx)[:, None], after_eos, logprobs)
+        top_logprobs, top_tokens = logprobs.topk(k, dim=1)  # (N*B, k)
+        candidates = (scores.view(n * b, 1) + top_logprobs).view(n, b * k)
+        scores, picked = candidates.topk(b, dim=1)
+        reorder = (base + picked // k).view(-1)
+        next_tokens = top_tokens.view(n, b * k).gather(1, picked).view(-1, 1)
+        tokens = torch.cat([tokens.index_select(0, reorder), next_tokens], dim=1)
+        stepper.reorder(reorder)
+    return tokens.view(n, b, -1), scores
+
+
+def _paper_ids(tokens: torch.Tensor, sos_idx: int, eos_idx: int) -> list[list[int]]:
+    """The ids of the original's caption text: cut at the first [EOS]; [SOS] (which the
+    search may generate) dropped, as sentencepiece decodes that control piece to nothing."""
+    captions = []
+    for row in tokens.tolist():
+        if eos_idx in row:
+            row = row[: row.index(eos_idx)]
+        captions.append([t for t in row if t != sos_idx])
+    return captions
+
+
+def _check_decoder(decoder: str, method: str) -> None:
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; expected one of {DECODERS}")
+    if method not in METHODS:
+        raise ValueError(f"unknown decoding method {method!r}; expected one of {METHODS}")
+    if decoder == "paper" and method not in PAPER_METHODS:
+        raise ValueError(f"decoding method {method!r} exists only for decoder 'standard'; "
+                         f"decoder 'paper' has {PAPER_METHODS}")
+
+
 def generate(
     head: TransformerTextualHead,
     visual_features: torch.Tensor,
@@ -256,8 +381,16 @@ def generate(
     top_p: float = 0.9,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    decoder: str = "standard",
 ) -> list[list[int]]:
-    """Dispatch to :func:`greedy_search`, :func:`beam_search` or :func:`nucleus_sampling`."""
+    """Dispatch to :func:`greedy_search`, :func:`beam_search` or :func:`nucleus_sampling`
+    (``decoder="standard"``), or to :func:`paper_beams` (``"paper"``; greedy = one beam)."""
+    _check_decoder(decoder, method)
+    if decoder == "paper":
+        b = 1 if method == "greedy" else beam_size
+        tokens, _ = paper_beams(head, visual_features, sos_idx, eos_idx, max_length, b,
+                                use_cache)
+        return _paper_ids(tokens[:, 0], sos_idx, eos_idx)
     if method == "greedy":
         return greedy_search(head, visual_features, sos_idx, eos_idx, max_length, use_cache)
     if method == "beam":
@@ -268,4 +401,4 @@ def generate(
         return nucleus_sampling(
             head, visual_features, sos_idx, eos_idx, max_length, top_p, use_cache, generator
         )
-    raise ValueError(f"unknown decoding method {method!r}; expected one of {METHODS}")
+    raise AssertionError(method)  # unreachable: _check_decoder

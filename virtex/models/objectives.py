@@ -96,10 +96,13 @@ class CaptioningModel(nn.Module):
         top_p: float = 0.9,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        decoder: str = "standard",
     ) -> list[list[int]]:
         """Caption (N, 3, H, W) images with the forward head; ids without [SOS]/[EOS].
 
-        Does not change train/eval mode: call ``model.eval()`` first.
+        ``decoder``: ``"standard"`` (ours) or ``"paper"`` (the original VirTex search; see
+        :mod:`virtex.models.decoding`). Does not change train/eval mode: call
+        ``model.eval()`` first.
         """
         return decoding.generate(
             self.textual,
@@ -112,6 +115,7 @@ class CaptioningModel(nn.Module):
             top_p=top_p,
             use_cache=use_cache,
             generator=generator,
+            decoder=decoder,
         )
 
 

@@ -273,14 +273,19 @@ class TransformerTextualHead(nn.Module):
         return self.visual_projection(visual_features)
 
     def decode(
-        self, tokens: torch.Tensor, memory: torch.Tensor, causal: bool = True
+        self, tokens: torch.Tensor, memory: torch.Tensor, causal: bool = True,
+        mask_padding: bool = True,
     ) -> torch.Tensor:
         """Full pass: (N, T) tokens against memory (N, S, H) -> logits (N, T, V).
 
-        Padding tokens are masked as keys; ``causal=False`` gives bidirectional attention.
+        Padding tokens are masked as keys (``mask_padding=False``: they are attended, with
+        their zero embedding, as the original's decoding step does and as the KV-cached
+        :meth:`step` does); ``causal=False`` gives bidirectional attention.
         """
         x = self.embedding(tokens)
         mask = (tokens != self.padding_idx)[:, None, None, :]
+        if not mask_padding:
+            mask = torch.ones_like(mask)
         if causal:
             t = tokens.size(1)
             mask = mask & torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
