@@ -220,3 +220,33 @@ def test_checkpoint_of_another_vocabulary_is_one_error(setup, tmp_path, capfd, m
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "predicts 1000 tokens, but the vocabulary" in err[0]
     assert "has 300 pieces" in err[0]
+
+
+def test_a_killed_caption_run_resumes_where_it_stopped(setup, tmp_path, monkeypatch):
+    """Captions are journalled as they are made: what a killed run wrote is not redone
+    (here a journal line with a caption no model would write), a torn last line is
+    ignored, and the journal goes once captions.json is written."""
+    monkeypatch.setenv("VIRTEX_CACHE", str(setup["tmp"] / "cache"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "captions.partial.0.jsonl").write_text(
+        json.dumps({"filename": "b.png", "caption": "written before the kill",
+                    "thumbnail": None}) + "\n" + '{"filename": "c.we')
+    assert caption_folder(setup, run) == 0
+    rows = {r["filename"]: r["caption"] for r in json.loads((run / "captions.json").read_text())}
+    assert rows["b.png"] == "written before the kill"
+    assert sorted(rows) == ["a photo.jpg", "b.png", "c.webp"]
+    assert not list(run.glob("captions.partial.*"))
+
+
+def test_an_unwritable_output_fails_before_the_work(setup, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("VIRTEX_CACHE", str(setup["tmp"] / "cache"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "captions.json"
+    code = caption_folder(setup, tmp_path / "run", f"evaluators.caption_folder.output='{out}'")
+    assert code == 2
+    err = capfd.readouterr()
+    assert (f"virtex: error: cannot write {blocker / '.captions.json.probe'}: {blocker} is not "
+            "a directory") in err.err
+    assert "captioned" not in err.out  # nothing was captioned

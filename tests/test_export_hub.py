@@ -25,7 +25,7 @@ def _checkpoint(tmp_path):
 
 def test_export_command_writes_torchvision_state_dicts(tmp_path):
     backbone, ckpt = _checkpoint(tmp_path)
-    for name in ("r50.pth", "r50.safetensors"):
+    for name in ("r50.pth", "new/folder/r50.safetensors"):  # a missing folder is made
         out = tmp_path / name
         res = subprocess.run([sys.executable, "-m", "virtex.tools.export", "--ckpt", str(ckpt),
                               "--out", str(out)], capture_output=True, text=True, cwd=REPO)
@@ -38,6 +38,13 @@ def test_export_command_writes_torchvision_state_dicts(tmp_path):
                           str(tmp_path / "none.pt"), "--out", str(tmp_path / "x.pth")],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+    (tmp_path / "file").write_text("")
+    blocked = subprocess.run([sys.executable, "-m", "virtex.tools.export", "--ckpt", str(ckpt),
+                              "--out", str(tmp_path / "file" / "r50.pth")],
+                             capture_output=True, text=True, cwd=REPO)
+    assert blocked.returncode == 2 and "Traceback" not in blocked.stderr
+    assert blocked.stderr.strip() == (f"export: error: cannot write {tmp_path / 'file' / 'r50.pth'}"
+                                      f": {tmp_path / 'file'} is not a directory")
 
 
 def test_torch_hub_returns_the_flattened_feature_map_as_the_original_hub_entry(tmp_path):

@@ -13,7 +13,6 @@ import json
 import shutil
 
 import numpy as np
-import pytest
 import torch
 from cli import REPO, run_cli
 from fidelity import FIDELITY, needs_fidelity

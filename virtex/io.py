@@ -46,6 +46,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     tmp = temporary_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in path.parents if p.exists() and not p.is_dir())
+        raise UserError(f"cannot write {path}: {blocker} is not a directory") from None
+    try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
@@ -58,7 +62,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             pass
         cause = _os_error(exc)
         if isinstance(exc, (OSError, RuntimeError)) and cause is not None and cause.errno in (
-                errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR):
             raise UserError(f"cannot write {path}: {os.strerror(cause.errno).lower()}") from None
         raise
     return path

@@ -13,6 +13,7 @@ such as ``@tasks.bicaptioning``) and load the run's checkpoint (``experiment.ckp
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -221,43 +222,106 @@ class CaptionFolder:
         if not paths:
             raise UserError(f"no JPEG, PNG or WebP images in '{self.folder}'"
                             + ("" if self.recursive else " (subfolders: set recursive=True)"))
+        json_path, html_path = self._outputs(ctx)
+        if ctx.rank == 0:  # an unwritable output fails now, not after the work
+            write_text(json_path.with_name(f".{json_path.name}.probe"), "")
+            json_path.with_name(f".{json_path.name}.probe").unlink()
         model = self.source(ctx)
         if model is None:
             ctx.info("caption_folder skipped: no captioning model or checkpoint in this run")
             return {}
-        mine = shard(len(paths), ctx.rank, ctx.world_size)
-        captions, errors = caption_files(
-            model, [paths[i] for i in mine], ctx.device, all_beams=self.all_beams,
-            thumbnail=self.thumbnail_size, log=ctx.info, progress=ctx.rank == 0, **self.decoding)
 
         def name(path: Path) -> str:
             return path.relative_to(self.folder).as_posix()
 
-        done = gather([(mine[c.index], c) for c in captions])
-        failed = gather([(mine[i], reason) for i, reason in errors])
+        journal = CaptionJournal(ctx.run_dir, ctx.rank)
+        done = journal.read()
+        todo = [p for p in paths if name(p) not in done]
+        if len(todo) < len(paths):
+            ctx.info(f"caption_folder: {len(paths) - len(todo)} image(s) already captioned "
+                     f"({journal.pattern} in {ctx.run_dir}), {len(todo)} to go")
+        mine = [todo[i] for i in shard(len(todo), ctx.rank, ctx.world_size)]
+
+        def record(captions: list, errors: list) -> None:
+            rows = [{"filename": name(mine[c.index]), "caption": c.caption,
+                     **({"beams": c.beams} if self.all_beams else {}),
+                     "thumbnail": c.thumbnail} for c in captions]
+            rows += [{"filename": name(mine[i]), "error": reason} for i, reason in errors]
+            journal.append(rows)
+
+        caption_files(model, mine, ctx.device, all_beams=self.all_beams,
+                      thumbnail=self.thumbnail_size, log=ctx.info, progress=ctx.rank == 0,
+                      on_batch=record, **self.decoding)
+        journal.close()
+        gather([])  # every process has written its journal
         if ctx.rank != 0:
             return {}
+        done = journal.read()
         skipped = [(name(p), "not a JPEG, PNG or WebP file") for p in others]
-        skipped += [(name(paths[i]), reason) for i, reason in sorted(failed)]
+        skipped += [(name(p), done[name(p)]["error"]) for p in paths
+                    if "error" in done.get(name(p), {})]
         for filename, reason in skipped:
             ctx.info(f"skipped {filename}: {reason}")
         if folders:
             ctx.info(f"{folders} subfolder(s) of {self.folder} not searched (recursive=False)")
-        done.sort(key=lambda pair: pair[0])
-        rows = []
-        for i, c in done:
-            row = {"filename": name(paths[i]), "caption": c.caption}
-            if self.all_beams:
-                row["beams"] = c.beams
-            rows.append(row)
-        json_path, html_path = self._outputs(ctx)
+        items = [done[name(p)] for p in paths if "caption" in done.get(name(p), {})]
+        rows = [{k: v for k, v in item.items() if k != "thumbnail"} for item in items]
         write_text(json_path, json.dumps(rows, indent=2) + "\n")
-        items = [{**row, "thumbnail": c.thumbnail} for row, (_, c) in zip(rows, done)]
         write_text(html_path, render_gallery(items, skipped, title=f"Captions: {self.folder}"))
+        journal.remove()
         ctx.info(f"{len(rows)} image(s) captioned, {len(skipped)} file(s) skipped: "
                  f"{json_path}, {html_path}")
         return {"caption_folder/images": float(len(rows)),
                 "caption_folder/skipped": float(len(skipped))}
+
+
+class CaptionJournal:
+    """Captions written as they are made, one JSON line per image, in
+    ``RUN_DIR/captions.partial.<rank>.jsonl``: a killed run of a million images resumes
+    with the images no process has written yet. A torn last line (the kill) is ignored.
+    Removed once ``captions.json`` and the gallery are written."""
+
+    pattern = "captions.partial.*.jsonl"
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / f"captions.partial.{rank}.jsonl"
+        self._file = None
+
+    def read(self) -> dict[str, dict]:
+        """Every process's rows so far, by file name."""
+        rows: dict[str, dict] = {}
+        for path in sorted(self.run_dir.glob(self.pattern)):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and "filename" in row:
+                    rows[row["filename"]] = row
+        return rows
+
+    def append(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        if self._file is None:
+            torn = self.path.is_file() and not self.path.read_bytes().endswith(b"\n") \
+                and self.path.stat().st_size > 0
+            self._file = open(self.path, "a", encoding="utf-8")
+            if torn:  # end a killed writer's last line, so that the next one stands alone
+                self._file.write("\n")
+        self._file.write("".join(json.dumps(r) + "\n" for r in rows))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def remove(self) -> None:
+        for path in self.run_dir.glob(self.pattern):
+            path.unlink(missing_ok=True)
 
 
 @hookimpl

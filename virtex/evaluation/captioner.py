@@ -109,8 +109,10 @@ def caption_files(model: nn.Module, paths: Sequence[Path], device: torch.device,
                   max_length: int = 30, all_beams: bool = False, thumbnail: int | None = None,
                   log: Callable[[str], None] = print, progress: bool = True,
                   desc: str = "captioning", decoder: str = "paper",
+                  on_batch: Callable[[list[Caption], list[tuple[int, str]]], None] | None = None,
                   ) -> tuple[list[Caption], list[tuple[int, str]]]:
     """Caption ``paths``; returns (captions, [(index, reason) of unreadable images]).
+    ``on_batch`` is called with each batch's captions and errors as soon as it is done.
 
     Images: short side to ``resize``, central ``image_size`` crop (``resize_mode``: 'exact',
     the original's pixels, or 'antialias', ours; see :func:`eval_transform`). ``decoder``:
@@ -127,13 +129,18 @@ def caption_files(model: nn.Module, paths: Sequence[Path], device: torch.device,
     try:
         for items in loader:
             good = [it for it in items if "error" not in it]
-            errors += [(it["index"], it["error"]) for it in items if "error" in it]
+            failed = [(it["index"], it["error"]) for it in items if "error" in it]
+            done: list[Caption] = []
             if good:
                 images = torch.stack([it["image"] for it in good]).to(device)
                 for it, beams in zip(good, _decode(model, images, method, beam_size, max_length,
                                                    all_beams, decoder)):
-                    captions.append(Caption(it["index"], beams[0]["caption"],
-                                            beams if all_beams else [], it["thumbnail"]))
+                    done.append(Caption(it["index"], beams[0]["caption"],
+                                        beams if all_beams else [], it["thumbnail"]))
+            captions += done
+            errors += failed
+            if on_batch is not None:
+                on_batch(done, failed)
             bar.update(len(items))
     finally:
         bar.close()

@@ -36,7 +36,9 @@ def _card(item: dict) -> str:
     name = html.escape(item["filename"])
     beams = item.get("beams") or []
     score = f' <span class="score">({beams[0]["score"]:.2f})</span>' if beams else ""
-    lines = [f'<figure><img src="{html.escape(item["thumbnail"])}" alt="{name}">',
+    thumb = item.get("thumbnail")  # None with thumbnail_size=0
+    image = f'<img src="{html.escape(thumb)}" alt="{name}">' if thumb else ""
+    lines = [f'<figure>{image}',
              f'<figcaption><div class="name">{name}</div>',
              f'<div class="caption">{html.escape(item["caption"])}{score}</div>']
     if len(beams) > 1:  # the other beams, numbered on from the best
