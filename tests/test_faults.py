@@ -110,17 +110,20 @@ def test_another_config_in_the_same_run_dir_is_one_error(tiny, reference, tmp_pa
     run = tmp_path / "run"
     assert run_cli(*args, "--run_dir", str(run), env=env).returncode == 0
     config = (run / "config.gin").read_text()
-    res = run_cli(*args, "--run_dir", str(run), "--gin_param", "trainer.max_steps=4", env=env)
+    res = run_cli(*args, "--run_dir", str(run), "--gin_param", "trainer.lr=0.5", env=env)
     assert res.returncode == 2
     line = _error_line(res)
     assert line.startswith(f"virtex: error: run directory {run} holds a run of another config "
-                           "(was `trainer.max_steps = 3`; now `trainer.max_steps = 4`)")
+                           "(was `trainer.lr = 0.001`; now `trainer.lr = 0.5`)")
     assert "or start fresh with another --run_dir" in line
     assert (run / "config.gin").read_text() == config
     assert _losses(run) == reference  # nothing trained, nothing logged
-    # The same config resumes (here: finds the run finished).
+    # The same config resumes (here: finds the run finished); more steps train on.
     res = run_cli(*args, "--run_dir", str(run), env=env)
     assert res.returncode == 0 and "training already finished" in res.stdout
+    res = run_cli(*args, "--run_dir", str(run), "--gin_param", "trainer.max_steps=4", env=env)
+    assert res.returncode == 0 and "resumed from" in res.stdout
+    assert [step for step, _ in _losses(run)] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
@@ -258,8 +261,9 @@ def test_an_empty_spec_is_one_error(tmp_path):
     spec.write_text("# nothing here\n")
     res = run_cli(str(spec), "--run_dir", str(tmp_path / "run"), cwd=tmp_path)
     assert res.returncode == 2
-    assert _error_line(res) == (f"virtex: error: spec {spec} runs nothing: it binds neither "
-                                "experiment.task (pretraining) nor experiment.evaluators")
+    assert _error_line(res) == (f"virtex: error: spec {spec} runs nothing: it binds no "
+                                "experiment (experiment.task to pretrain, experiment.evaluators "
+                                "to evaluate)")
     assert not (tmp_path / "run").exists()
 
 

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io as io_module
 import random
+import re
 import shlex
 import sys
 import time
@@ -64,10 +65,9 @@ def prepare(spec: str, params: Sequence[str], run_dir: str | None = None, gpus: 
     parse_spec(path, params, spec_dirs, registry)
     name = spec_name(path, spec_dirs)
     config = gin.config_str()
-    if not any(line.startswith(("experiment.task", "experiment.evaluators"))
-               for line in config.splitlines()):
-        raise UserError(f"spec {path} runs nothing: it binds neither experiment.task "
-                        "(pretraining) nor experiment.evaluators")
+    if not any(line.startswith("experiment.") for line in config.splitlines()):
+        raise UserError(f"spec {path} runs nothing: it binds no experiment (experiment.task "
+                        "to pretrain, experiment.evaluators to evaluate)")
     if run_dir is None:
         run_dir = str(Path("runs") / name / config_hash(config, seed))
     command = shlex.join(["python", "-m", "virtex.run", *(argv if argv is not None else sys.argv[1:])])
@@ -83,17 +83,23 @@ def own_run_dir(job: Job) -> Iterator[None]:
         yield
 
 
+_LONGER = re.compile(r"^[\w./]*max_steps = ")
+
+
 def check_config(job: Job, config: str) -> None:
     """A run directory holds one config: resuming it with another is one error that shows
-    the differing bindings and says how to start fresh."""
+    the differing bindings and says how to start fresh. Only how long it trains
+    (``*.max_steps``) may change: a resumed run with more steps trains on."""
     saved = Path(job.run_dir) / "config.gin"
     if not saved.is_file():
         return
     before, now = saved.read_text().splitlines(), config.splitlines()
-    if before == now:
+    old = [line for line in before if line not in now and line.strip()
+           and not _LONGER.match(line)]
+    new = [line for line in now if line not in before and line.strip()
+           and not _LONGER.match(line)]
+    if not old and not new:
         return
-    old = [line for line in before if line not in now and line.strip()]
-    new = [line for line in now if line not in before and line.strip()]
     shown = "; ".join([*(f"was `{x}`" for x in old[:3]), *(f"now `{x}`" for x in new[:3])])
     more = len(old) + len(new) - min(3, len(old)) - min(3, len(new))
     raise UserError(f"run directory {job.run_dir} holds a run of another config ({shown}"
