@@ -296,6 +296,7 @@ def test_slurm_without_srun_is_one_error(tiny, tmp_path):
     ("trainer.optimizer='adam'", "trainer.optimizer = 'adam': expected one of 'sgd', 'adamw'"),
     ("trainer.lr=-0.1", "trainer.lr = -0.1: expected a number >= 0"),
     ("tokenizer.vocab_size=3", "tokenizer.vocab_size = 3: expected an int >= 5"),
+    ("image_size=0", "transforms.train.size = 0: expected an int >= 1"),
 ])
 def test_a_bad_value_is_one_line_naming_the_binding(tiny, tmp_path, binding, message):
     args, env = tiny

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import gin
 
 from virtex import hookimpl
-from virtex.checks import Range, checked_as
+from virtex.checks import PositiveInt, Range, checked_as
 from virtex.data import transforms as T
 from virtex.data.cache import cache_dir, shapes_dir  # noqa: F401  (registers shapes_dir)
 from virtex.data.tokenizer import SentencePieceTokenizer, build_vocab
@@ -69,14 +69,15 @@ def coco_captions(root: str = gin.REQUIRED, split: str = "train2017",
     return dataset
 
 
-def train(size: int = 224, scale: tuple[float, float] = (0.2, 1.0),
+def train(size: PositiveInt = 224, scale: tuple[float, float] = (0.2, 1.0),
           caption_swap: Literal["substring", "word"] = "substring") -> T.Compose:
     """Pretraining augmentation: random resized crop, flip with left/right swap
     (``caption_swap``: 'substring' as the original, 'word' whole words), colour jitter."""
     return T.train_transform(size, tuple(scale), caption_swap=caption_swap)
 
 
-def evaluation(resize: int = 256, size: int = 224, resize_mode: str = "exact") -> T.Compose:
+def evaluation(resize: PositiveInt = 256, size: PositiveInt = 224,
+               resize_mode: Literal["exact", "antialias"] = "exact") -> T.Compose:
     """Resize the short side, center crop, normalise. ``resize_mode``: 'exact' (the original
     VirTex's pixels: cv2-exact bilinear, no antialiasing, full decode) or 'antialias' (ours:
     antialiased resize of a reduced-size JPEG decode)."""
