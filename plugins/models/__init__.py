@@ -36,11 +36,14 @@ def transformer(
     dropout: float = 0.1,
     max_caption_length: int = 30,
     padding_idx: int = 0,
+    zero_biases: bool = False,
 ) -> TransformerTextualHead:
-    """Transformer decoder head; ``size`` as the paper names it (``L1_H2048_A32_F8192``)."""
+    """Transformer decoder head; ``size`` as the paper names it (``L1_H2048_A32_F8192``).
+    Biases keep PyTorch's init, as the original; ``zero_biases`` zeroes them (BERT-style)."""
     return TransformerTextualHead(
         visual_feature_size, vocab_size, size=size, norm_first=norm_first, dropout=dropout,
         max_caption_length=max_caption_length, padding_idx=padding_idx,
+        zero_biases=zero_biases,
     )
 
 
