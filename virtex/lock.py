@@ -94,7 +94,8 @@ def _acquire(run_dir: Path) -> Path:
 
 def release(path: Path) -> None:
     """Remove the lock if this process still holds it."""
-    if _read(path).get("pid") == os.getpid() and _read(path).get("host") == socket.gethostname():
+    holder, me = _read(path), _me()
+    if (holder.get("pid"), holder.get("host")) == (me["pid"], me["host"]):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
