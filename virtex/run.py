@@ -48,6 +48,10 @@ def list_components() -> str:
     lines.append("specs:")
     for name in available_specs(registry.spec_dirs()):
         lines.append(f"  {name}")
+    from virtex import zoo
+
+    lines.append("published checkpoints (--gin_param ckpt=zoo:NAME; downloaded when named):")
+    lines += [f"  {line}" for line in zoo.describe()]
     for f in registry.failures:
         lines.append(f"failed plugin: {f.plugin} ({f.entry_point}): {f.error}")
     return "\n".join(lines)

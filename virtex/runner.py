@@ -25,8 +25,8 @@ import gin
 import numpy as np
 import torch
 
-from virtex import dist, io, lock
-from virtex.config import parse_spec, resolve_spec, spec_name
+from virtex import dist, io, lock, zoo
+from virtex.config import defined_macros, parse_spec, resolve_spec, spec_name
 from virtex.context import Context, RunLogger
 from virtex.errors import UserError
 from virtex.registry import get_registry
@@ -62,6 +62,7 @@ def prepare(spec: str, params: Sequence[str], run_dir: str | None = None, gpus: 
     registry = get_registry()
     spec_dirs = registry.spec_dirs()
     path = resolve_spec(spec, spec_dirs)
+    params = _expand_zoo(path, params, spec_dirs, registry)
     parse_spec(path, params, spec_dirs, registry)
     name = spec_name(path, spec_dirs)
     config = gin.config_str()
@@ -72,6 +73,17 @@ def prepare(spec: str, params: Sequence[str], run_dir: str | None = None, gpus: 
         run_dir = str(Path("runs") / name / config_hash(config, seed))
     command = shlex.join(["python", "-m", "virtex.run", *(argv if argv is not None else sys.argv[1:])])
     return Job(str(path), name, list(params), str(Path(run_dir).resolve()), gpus, nodes, seed, command)
+
+
+def _expand_zoo(path: Path, params: Sequence[str], spec_dirs: list[Path],
+                registry: Any) -> list[str]:
+    """Bindings ``KEY=zoo:NAME`` become the published file (downloaded now, once, in the
+    launching process) and the spec's model macros its architecture (:mod:`virtex.zoo`)."""
+    if not any(zoo.zoo_name(p) for p in params):
+        return list(params)
+    parse_spec(path, [p for p in params if not zoo.zoo_name(p)], spec_dirs, registry,
+               check_required=False)
+    return zoo.expand_params(params, set(defined_macros()).__contains__)
 
 
 @contextlib.contextmanager
