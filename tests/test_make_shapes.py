@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from virtex.tools.make_shapes import CLASSES, COLOURS, SHAPES, ensure_shapes, generate
+from virtex.tools.make_shapes import CLASSES, COLOURS, FORMATS, SHAPES, ensure_shapes, generate
 
 REPO = Path(__file__).resolve().parents[1]
 N = 60  # the shapes_root fixture's size
@@ -35,8 +35,8 @@ def test_public_constants_and_manifest(shapes_root: Path) -> None:
     assert CLASSES[-1] == "purple_star"
     assert CLASSES == [f"{c}_{s}" for c in COLOURS for s in SHAPES]
     m = json.loads((shapes_root / "shapes.json").read_text())
-    assert m == {"images": N, "seed": 0, "classes": CLASSES, "version": 1,
-                 "min_size": 64, "max_size": 128}
+    assert m == {"images": N, "seed": 0, "classes": CLASSES, "version": 2,
+                 "min_size": 64, "max_size": 128, "formats": list(FORMATS)}
 
 
 def test_coco_captions(shapes_root: Path) -> None:
@@ -265,3 +265,34 @@ def test_cli(tmp_path: Path) -> None:
 def test_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         generate(tmp_path, images=0)
+
+
+def test_shards_are_webdataset_tars_of_the_train_scenes(shapes_root: Path, tmp_path: Path) -> None:
+    import tarfile
+
+    import webdataset as wds
+
+    shards = sorted((shapes_root / "shards").glob("train-*.tar"))
+    sizes = json.loads((shapes_root / "shards" / "sizes.json").read_text())
+    assert [p.name for p in shards] == sorted(sizes) and len(shards) == 8
+    captions = json.loads((shapes_root / "coco/annotations/captions_train2017.json").read_text())
+    first = {}
+    for a in captions["annotations"]:
+        first.setdefault(a["image_id"], a["caption"])
+    keys = []
+    for path in shards:
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+        assert names == [f"{k}.{e}" for k in dict.fromkeys(n.split(".")[0] for n in names)
+                         for e in ("jpg", "txt", "json")]
+        samples = list(wds.WebDataset(str(path), shardshuffle=False))  # webdataset's own reader
+        assert len(samples) == sizes[path.name]
+        for s in samples:
+            assert s["txt"].decode() == first[int(s["__key__"])]
+            assert json.loads(s["json"])["caption"] == s["txt"].decode()
+            keys.append(int(s["__key__"]))
+    assert sorted(keys) == sorted(first)  # every train scene once
+    only = generate(tmp_path / "only", images=N, seed=0, formats=("shards",))
+    assert sorted(p.name for p in only.iterdir()) == ["shapes.json", "shards"]
+    for path in shards:  # byte-identical for the same arguments
+        assert (only / "shards" / path.name).read_bytes() == path.read_bytes()

@@ -3,10 +3,13 @@
 Every scene is a pale background with one to three coloured shapes and five captions
 that describe colour, size, shape and left/right relations (true of the drawn
 geometry, judged by bounding-box centres). The same scenes are written as COCO 2017
-(captions + instances), PASCAL VOC 2007, ImageNet-style folders, iNaturalist 2018 and
-LVIS v1, so the ordinary readers of those datasets read them with no special case.
+(captions + instances), PASCAL VOC 2007, ImageNet-style folders, iNaturalist 2018,
+LVIS v1 and caption shards (the webdataset layout img2dataset writes: ``shards/train-NNNNN.tar``
+with ``KEY.jpg``, ``KEY.txt``, ``KEY.json``, and ``sizes.json``), so the ordinary readers
+of those datasets read them with no special case.
 
     python -m virtex.tools.make_shapes --out data/shapes --images 1000 --seed 0
+    python -m virtex.tools.make_shapes --out data/shapes --format shards   # only the shards
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from PIL import Image, ImageDraw
 COLOURS = ["red", "green", "blue", "yellow", "purple"]
 SHAPES = ["circle", "square", "triangle", "star"]
 CLASSES: list[str] = [f"{c}_{s}" for c in COLOURS for s in SHAPES]
-VERSION = 1
+VERSION = 2
+FORMATS = ("coco", "voc", "imagenet", "inat", "lvis", "shards")
 
 _RGB = {
     "red": (220, 30, 30), "green": (30, 165, 50), "blue": (30, 70, 220),
@@ -394,26 +398,58 @@ def _write_lvis(out: Path, scenes: list[_Scene], seed: int) -> None:
                "categories": cats})
 
 
+def _write_shards(out: Path, scenes: list[_Scene], shards: int = 8) -> None:
+    """The train scenes as webdataset tar shards (one sample per image: its first caption in
+    ``KEY.txt``, all five in ``KEY.json``), at least ``shards`` of them, byte-deterministic."""
+    import tarfile
+
+    train = [sc for sc in scenes if sc.split == "train"]
+    per_shard = max(1, min(1000, math.ceil(len(train) / shards)))
+    sizes = {}
+    for n, first in enumerate(range(0, len(train), per_shard)):
+        name = f"train-{n:05d}.tar"
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for sc in train[first:first + per_shard]:
+                key = f"{sc.image_id:012d}"
+                meta = {"caption": sc.captions[0], "captions": sc.captions,
+                        "width": sc.width, "height": sc.height}
+                for ext, data in (("jpg", sc.jpeg), ("txt", sc.captions[0].encode()),
+                                  ("json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    tar.addfile(info, io.BytesIO(data))
+        _write(out / "shards" / name, buffer.getvalue())
+        sizes[name] = len(train[first:first + per_shard])
+    _dump(out / "shards" / "sizes.json", sizes)
+
+
 # ----------------------------------------------------------------------------- public API
 def generate(out: str | Path, images: int = 1000, seed: int = 0, min_size: int = 64,
-             max_size: int = 128) -> Path:
-    """Write ``images`` scenes under ``out`` in every format; returns ``out`` as a Path.
+             max_size: int = 128, formats: tuple[str, ...] = FORMATS) -> Path:
+    """Write ``images`` scenes under ``out`` in ``formats`` (default: every one, see
+    :data:`FORMATS`); returns ``out`` as a Path.
 
     Deterministic: the same arguments give byte-identical files. ``shapes.json`` is
     written last and marks a complete tree.
     """
     if images < 1 or not 16 <= min_size <= max_size:
         raise ValueError("need images >= 1 and 16 <= min_size <= max_size")
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown format(s) {', '.join(unknown)}; expected {', '.join(FORMATS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scenes = [_scene(seed, i, min_size, max_size) for i in range(images)]
-    _write_coco(out, scenes)
-    _write_voc(out, scenes)
-    _write_imagenet(out, scenes)
-    _write_inat(out, scenes, seed)
-    _write_lvis(out, scenes, seed)
+    writers = {"coco": _write_coco, "voc": _write_voc, "imagenet": _write_imagenet,
+               "inat": lambda o, sc: _write_inat(o, sc, seed),
+               "lvis": lambda o, sc: _write_lvis(o, sc, seed), "shards": _write_shards}
+    for name in FORMATS:
+        if name in formats:
+            writers[name](out, scenes)
     _dump(out / "shapes.json", {"images": images, "seed": seed, "classes": CLASSES,
-                                "version": VERSION, "min_size": min_size, "max_size": max_size})
+                                "version": VERSION, "min_size": min_size, "max_size": max_size,
+                                "formats": [f for f in FORMATS if f in formats]})
     return out
 
 
@@ -422,7 +458,8 @@ def _complete(root: Path, images: int, seed: int) -> bool:
         m = json.loads((root / "shapes.json").read_text())
     except (OSError, ValueError):
         return False
-    return m.get("images") == images and m.get("seed") == seed and m.get("version") == VERSION
+    return (m.get("images") == images and m.get("seed") == seed and m.get("version") == VERSION
+            and set(m.get("formats", ())) >= set(FORMATS))
 
 
 def ensure_shapes(root: str | Path, images: int = 1000, seed: int = 0) -> Path:
@@ -462,9 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min_size", type=int, default=64)
     ap.add_argument("--max_size", type=int, default=128)
+    ap.add_argument("--format", action="append", choices=FORMATS, dest="formats",
+                    help="write only this format (repeatable; default: every format)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    root = generate(a.out, a.images, a.seed, a.min_size, a.max_size)
+    root = generate(a.out, a.images, a.seed, a.min_size, a.max_size,
+                    tuple(a.formats or FORMATS))
     n_val = sum(1 for i in range(a.images) if i % 5 == 4)
     print(f"make_shapes: {a.images} scenes ({a.images - n_val} train / {n_val} val, "
           f"seed {a.seed}) written to {root} in {time.perf_counter() - t0:.1f}s")
