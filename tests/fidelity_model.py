@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 from fidelity import FIDELITY
+from virtex.plugins.models.objectives import BicaptioningModel
 
 from virtex.models.interop import virtex_state_dict_to_ours
-from virtex.models.objectives import BicaptioningModel
 from virtex.models.textual import TransformerTextualHead
 from virtex.models.visual import ResNetBackbone
 

@@ -8,6 +8,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 from torch import nn
+from virtex.plugins.models.objectives import BicaptioningModel
 
 from virtex.models.interop import (
     backbone_state_dict,
@@ -16,7 +17,6 @@ from virtex.models.interop import (
     moco_state_dict_to_torchvision,
     virtex_state_dict_to_ours,
 )
-from virtex.models.objectives import BicaptioningModel
 from virtex.models.textual import TransformerTextualHead
 from virtex.models.visual import ResNetBackbone
 
