@@ -180,26 +180,6 @@ def read_coco_captions(root: str | Path, split: str = "train2017") -> list[Capti
     return records
 
 
-def read_coco_labels(root: str | Path, split: str = "train2017"
-                     ) -> tuple[dict[int, np.ndarray], list[str]]:
-    """Image-level multi-hot labels from ``root/annotations/instances_{split}.json``.
-
-    Category ids are mapped to 0..K-1 in sorted id order (COCO: 80 of the ids 1..90).
-    Returns ``({image_id: float32 array (K,)}, category names)``; images with no
-    instance get all zeros.
-    """
-    root = Path(root)
-    path = root / "annotations" / f"instances_{split}.json"
-    data = load_json(path, _COCO_LAYOUT.format(kind="instances"))
-    index, names = coco_categories(_list_field(data, "categories", path), path)
-    images = _image_table(_list_field(data, "images", path), path)
-    labels = {i: np.zeros(len(names), dtype=np.float32) for i in sorted(images)}
-    for _, _, image_id, k in coco_annotations(_list_field(data, "annotations", path), path, labels,
-                                          index):
-        labels[image_id][k] = 1.0
-    return labels, names
-
-
 def read_coco_instance_labels(root: str | Path, split: str = "train2017"
                               ) -> tuple[dict[int, list[int]], list[str]]:
     """The original VirTex multilabel targets from ``root/annotations/instances_{split}.json``.
@@ -217,8 +197,8 @@ def read_coco_instance_labels(root: str | Path, split: str = "train2017"
     names = [c["name"] for c in cats]
     images = _image_table(_list_field(data, "images", path), path)
     found: dict[int, set[int]] = {}
-    for _, _, image_id, k in coco_annotations(_list_field(data, "annotations", path), path, images,
-                                          index):
+    anns = _list_field(data, "annotations", path)
+    for _, _, image_id, k in coco_annotations(anns, path, images, index):
         found.setdefault(image_id, set()).add(k)
     return {i: sorted(found[i]) for i in sorted(found)}, names
 

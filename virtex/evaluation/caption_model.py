@@ -94,13 +94,6 @@ def load_captioning_checkpoint(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(captioning_state_dict(state, model, str(path)))
 
 
-def load_captioning_model(factory: Callable[[], nn.Module], path: str | Path) -> nn.Module:
-    """Build ``factory()`` and load checkpoint ``path`` into it."""
-    model = build_captioning_model(factory)
-    load_captioning_checkpoint(model, path)
-    return model
-
-
 class ModelSource:
     """Which model an evaluator captions with: the run's pretrained ``ctx.model`` if it
     can caption, else ``factory()`` (built once) loaded from ``ctx.ckpt``."""
