@@ -14,7 +14,7 @@ import sys
 
 from virtex.checkpoint import load
 from virtex.errors import UserError
-from virtex.models.interop import export_backbone
+from virtex.weights import export_backbone
 
 
 def main(argv: list[str] | None = None) -> int:
