@@ -1,5 +1,6 @@
 """Plugins and launchers use the kernel's public API only: no ``virtex.*`` name that starts
-with ``_`` is imported (or read as a module attribute) by a module under plugins/ or launchers/."""
+with ``_`` is imported (or read as a module attribute) by a module under plugins/,
+launchers/ or examples/ (the third-party plugin example)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = sorted(p for folder in ("plugins", "launchers") for p in (ROOT / folder).rglob("*.py"))
+MODULES = sorted(p for folder in ("plugins", "launchers", "examples") for p in (ROOT / folder).rglob("*.py"))
 
 
 def _private(name: str) -> bool:
@@ -65,7 +66,7 @@ def test_the_check_finds_private_kernel_names(source, expected):
 def test_modules_are_found():
     names = {p.relative_to(ROOT).as_posix() for p in MODULES}
     assert {"plugins/detection/datasets.py", "plugins/models/__init__.py",
-            "launchers/__init__.py"} <= names
+            "launchers/__init__.py", "examples/third_party_plugin/virtex_knn/__init__.py"} <= names
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.relative_to(ROOT).as_posix())
