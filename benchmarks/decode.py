@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import timed  # noqa: E402
+from virtex.plugins.models.objectives import CaptioningModel  # noqa: E402
 
 from virtex.models import decoding  # noqa: E402
-from virtex.models.objectives import CaptioningModel  # noqa: E402
 from virtex.models.textual import TransformerTextualHead  # noqa: E402
 from virtex.models.visual import ResNetBackbone  # noqa: E402
 

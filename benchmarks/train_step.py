@@ -11,9 +11,9 @@ import argparse
 import time
 
 import torch
+from virtex.plugins.models.objectives import BicaptioningModel
 
 from virtex.engine import param_groups
-from virtex.models.objectives import BicaptioningModel
 from virtex.models.textual import TransformerTextualHead
 from virtex.models.visual import ResNetBackbone
 

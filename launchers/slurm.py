@@ -40,7 +40,8 @@ import submitit
 
 from virtex import io
 from virtex.errors import UserError
-from virtex.runner import Job
+from virtex.registry import get_registry
+from virtex.runner import Job, load_spec
 
 # key -> accepted types of the optional config file (~/.config/virtex/slurm.toml)
 CONFIG_KEYS: dict[str, tuple[type, ...]] = {
@@ -166,11 +167,8 @@ def checkpoint_sweep(job: Job) -> tuple[str, list[Path]] | None:
     import gin
 
     from virtex.checkpoint import list_checkpoints
-    from virtex.config import parse_spec
-    from virtex.registry import get_registry
 
-    registry = get_registry()
-    parse_spec(Path(job.spec), job.params, registry.spec_dirs(), registry)
+    load_spec(job.spec, job.params)
     try:
         value, name = gin.query_parameter("experiment.ckpt"), "experiment.ckpt"
         while repr(value).startswith("%"):  # a macro: bind the macro itself
@@ -466,12 +464,9 @@ class SlurmLauncher:
 
 def _validate(members: list[Member]) -> None:
     """Every array task's bindings parse (one clear error now rather than N failed tasks)."""
-    from virtex.config import parse_spec
-    from virtex.registry import get_registry
-
     registry = get_registry()
     for m in members:
-        parse_spec(Path(m.job.spec), m.job.params, registry.spec_dirs(), registry)
+        load_spec(m.job.spec, m.job.params, registry)
 
 
 # -- following a submitted job -------------------------------------------------------------------

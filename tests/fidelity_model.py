@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 from fidelity import FIDELITY
+from virtex.plugins.models.objectives import BicaptioningModel
 
-from virtex.models.interop import virtex_state_dict_to_ours
-from virtex.models.objectives import BicaptioningModel
 from virtex.models.textual import TransformerTextualHead
 from virtex.models.visual import ResNetBackbone
+from virtex.weights import virtex_state_dict_to_ours
 
 PAD, SOS, EOS = 0, 1, 2
 VOCAB = 1000

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from virtex.plugins.models.objectives import BicaptioningModel, CaptioningModel
 
 from virtex.models import decoding
-from virtex.models.objectives import BicaptioningModel, CaptioningModel
 from virtex.models.textual import TransformerTextualHead
 from virtex.models.visual import ResNetBackbone
 

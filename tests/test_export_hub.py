@@ -38,6 +38,12 @@ def test_export_command_writes_torchvision_state_dicts(tmp_path):
                           str(tmp_path / "none.pt"), "--out", str(tmp_path / "x.pth")],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+    torch.save({"model": {"encoder.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    other = subprocess.run([sys.executable, "-m", "virtex.tools.export", "--ckpt",
+                            str(tmp_path / "other.pt"), "--out", str(tmp_path / "x.pth")],
+                           capture_output=True, text=True, cwd=REPO)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert other.stderr.startswith("export: error: no ResNet weights found")
     (tmp_path / "file").write_text("")
     blocked = subprocess.run([sys.executable, "-m", "virtex.tools.export", "--ckpt", str(ckpt),
                               "--out", str(tmp_path / "file" / "r50.pth")],

@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 from fidelity import FIDELITY, needs_fidelity
-
-from virtex.data.datasets import collate_captions
-from virtex.data.masking import CaptionMasking
-from virtex.data.readers import read_coco_instance_labels
-from virtex.models.objectives import (
+from virtex.plugins.models.objectives import (
     MaskedLMModel,
     MultilabelClassificationModel,
     TokenClassificationModel,
     set_softmax_loss,
 )
+
+from virtex.data.datasets import collate_captions
+from virtex.data.masking import CaptionMasking
+from virtex.data.readers import read_coco_instance_labels
 from virtex.models.textual import TransformerTextualHead
 from virtex.models.visual import ResNetBackbone
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 from fidelity import FIDELITY, needs_fidelity
 from torch import nn
+from virtex.plugins.models.objectives import BicaptioningModel
 
 from virtex.engine import Trainer
 from virtex.errors import UserError
-from virtex.models.interop import virtex_state_dict_to_ours
-from virtex.models.objectives import BicaptioningModel
 from virtex.models.textual import TransformerTextualHead, parse_textual_size
 from virtex.models.visual import ResNetBackbone
 from virtex.runner import prepare
+from virtex.weights import virtex_state_dict_to_ours
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

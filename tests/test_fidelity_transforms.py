@@ -113,14 +113,13 @@ def spec_objects():
     """Build a component as a paper spec configures it: ``build(spec, kind, name, params)``."""
     import gin
 
-    from virtex.config import parse_spec, resolve_spec
     from virtex.registry import get_registry
+    from virtex.runner import load_spec
 
     registry = get_registry()
 
     def build(spec: str, kind: str, name: str, params: list[str], **kwargs: object) -> object:
-        dirs = registry.spec_dirs()
-        parse_spec(resolve_spec(spec, dirs), params, dirs, registry)
+        load_spec(spec, params, registry)
         return registry.get(kind, name)(**kwargs)
 
     yield build

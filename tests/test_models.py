@@ -3,9 +3,7 @@
 import pytest
 import torch
 from torch import nn
-
-from virtex.errors import UserError
-from virtex.models.objectives import (
+from virtex.plugins.models.objectives import (
     BicaptioningModel,
     CaptioningModel,
     MaskedLMModel,
@@ -14,6 +12,8 @@ from virtex.models.objectives import (
     bidirectional_logits,
     set_softmax_loss,
 )
+
+from virtex.errors import UserError
 from virtex.models.textual import TransformerTextualHead, parse_textual_size
 from virtex.models.visual import ResNetBackbone
 
@@ -307,7 +307,8 @@ def test_unknown_loss_or_masking_names_the_binding():
 def test_backward_head_starts_as_a_copy_of_the_forward_head() -> None:
     """The original deep-copies the forward head: both transformers start equal, then
     train apart; embedding, output layer and visual projection are shared."""
-    from virtex.models.objectives import BicaptioningModel
+    from virtex.plugins.models.objectives import BicaptioningModel
+
     from virtex.models.textual import TransformerTextualHead
     from virtex.models.visual import ResNetBackbone
 

@@ -12,9 +12,11 @@ import pytest
 
 from virtex.data.readers import (
     DataFormatError,
+    coco_annotations,
+    coco_categories,
     read_caption_strings,
     read_coco_captions,
-    read_coco_labels,
+    read_coco_instance_labels,
     read_image_folder,
     read_inat,
     read_voc_classification,
@@ -56,33 +58,36 @@ def test_caption_strings(shapes_root: Path) -> None:
     assert read_caption_strings(path) == [a["caption"] for a in _json(path)["annotations"]]
 
 
-def test_coco_labels_match_instances(shapes_root: Path) -> None:
+def test_coco_instance_labels_match_instances(shapes_root: Path) -> None:
+    """Class ids 1..K in the file's category order; images without an instance left out."""
     coco = shapes_root / "coco"
     data = _json(coco / "annotations/instances_train2017.json")
-    labels, names = read_coco_labels(coco, "train2017")
-    cats = sorted(data["categories"], key=lambda c: c["id"])
-    assert names == [c["name"] for c in cats]
-    index = {c["id"]: k for k, c in enumerate(cats)}
-    expected = {im["id"]: np.zeros(len(cats), np.float32) for im in data["images"]}
+    labels, names = read_coco_instance_labels(coco, "train2017")
+    assert names == [c["name"] for c in data["categories"]]
+    index = {c["id"]: k for k, c in enumerate(data["categories"], start=1)}
+    expected: dict[int, set[int]] = {}
     for a in data["annotations"]:
-        expected[a["image_id"]][index[a["category_id"]]] = 1
-    assert labels.keys() == expected.keys()
-    for image_id, row in expected.items():
-        np.testing.assert_array_equal(labels[image_id], row)
-    assert sum(v.sum() for v in labels.values()) > len(labels)  # some images have 2-3 shapes
+        expected.setdefault(a["image_id"], set()).add(index[a["category_id"]])
+    assert labels == {i: sorted(expected[i]) for i in sorted(expected)}
+    assert any(len(v) > 1 for v in labels.values())  # some images have 2-3 shapes
 
 
-def test_coco_labels_map_sparse_ids_in_sorted_order(tmp_path: Path) -> None:
-    """COCO uses 80 of the ids 1..90: they map to 0..K-1 in sorted id order."""
-    (tmp_path / "annotations").mkdir()
-    data = {"images": [{"id": 7, "file_name": "a.jpg"}],
-            "categories": [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"},
-                           {"id": 13, "name": "stop sign"}],
-            "annotations": [{"image_id": 7, "category_id": 90}, {"image_id": 7, "category_id": 13}]}
-    (tmp_path / "annotations/instances_x.json").write_text(json.dumps(data))
-    labels, names = read_coco_labels(tmp_path, "x")
+def test_coco_categories_map_sparse_ids_in_sorted_order(tmp_path: Path) -> None:
+    """COCO uses 80 of the ids 1..90: :func:`coco_categories` maps them to 0..K-1 in sorted
+    id order, and :func:`coco_annotations` yields each annotation's class index."""
+    path = tmp_path / "instances_x.json"
+    cats = [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"},
+            {"id": 13, "name": "stop sign"}]
+    index, names = coco_categories(cats, path)
+    assert index == {1: 0, 13: 1, 90: 2}
     assert names == ["person", "stop sign", "toothbrush"]
-    np.testing.assert_array_equal(labels[7], [0, 1, 1])
+    anns = [{"image_id": 7, "category_id": 90}, {"image_id": 7, "category_id": 13}]
+    assert [(w, i, k) for w, _, i, k in coco_annotations(anns, path, {7}, index)] == [
+        (f"{path}: annotations[0]", 7, 2), (f"{path}: annotations[1]", 7, 1)]
+    with pytest.raises(DataFormatError, match=r"categories\[2\]: duplicate category id 1"):
+        coco_categories([*cats, {"id": 1, "name": "again"}][1:], path)
+    with pytest.raises(DataFormatError, match=r"annotations\[0\]: image_id 8 is not in 'images'"):
+        list(coco_annotations([{"image_id": 8, "category_id": 1}], path, {7}, index))
 
 
 def test_coco_missing_annotations_names_path_and_layout(shapes_root: Path, tmp_path: Path) -> None:
@@ -125,7 +130,7 @@ def test_coco_invalid_json(tmp_path: Path) -> None:
     path = tmp_path / "annotations/instances_val2017.json"
     path.write_text('{"images": [')
     with pytest.raises(DataFormatError, match="not valid JSON") as e:
-        read_coco_labels(tmp_path, "val2017")
+        read_coco_instance_labels(tmp_path, "val2017")
     assert str(path) in str(e.value)
 
 
@@ -136,7 +141,7 @@ def test_coco_unknown_category(shapes_root: Path, tmp_path: Path) -> None:
     data["annotations"][0]["category_id"] = 77
     path.write_text(json.dumps(data))
     with pytest.raises(DataFormatError, match="category_id 77"):
-        read_coco_labels(coco, "val2017")
+        read_coco_instance_labels(coco, "val2017")
 
 
 # ----------------------------------------------------------------------------- VOC

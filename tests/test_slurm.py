@@ -318,7 +318,7 @@ def test_checkpoint_directory_and_a_sweep_become_a_job_array(partition, tmp_path
     import gin
 
     from virtex.checkpoint import save
-    from virtex.registry import build
+    from virtex.registry import get_registry
     from virtex.weights import load_backbone_weights
 
     site = make_distribution(tmp_path / "site", "virtex_norm_test", {"virtex_norm_test": NORM_PLUGIN},
@@ -330,9 +330,9 @@ def test_checkpoint_directory_and_a_sweep_become_a_job_array(partition, tmp_path
     gin.clear_config()  # the job's spec binds nothing in resnet18: nor do these
     for step in (500, 1000):  # two "pretraining" checkpoints with different backbones
         torch.manual_seed(step)
-        cnn = build("backbones", "resnet18").cnn.state_dict()
+        cnn = get_registry().get("backbones", "resnet18")().cnn.state_dict()
         path = save({"model": {f"visual.cnn.{k}": v for k, v in cnn.items()}}, ckpts, step)
-        backbone = build("backbones", "resnet18")
+        backbone = get_registry().get("backbones", "resnet18")()
         load_backbone_weights(backbone, path, "virtex")
         expected[step] = sum(float(p.detach().double().pow(2).sum()) for p in backbone.parameters())
     assert expected[500] != expected[1000]

@@ -9,10 +9,9 @@ from cli import run_cli, tiny_pretrain
 from torch import nn
 
 from virtex.errors import UserError
-from virtex.models.interop import export_backbone
 from virtex.models.visual import RESNETS, ResNetBackbone
 from virtex.run import main
-from virtex.weights import detect_kind, guess_resnet, load_backbone_weights
+from virtex.weights import detect_kind, export_backbone, guess_resnet, load_backbone_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -103,13 +103,6 @@ def normalize_param(param: str) -> tuple[str, str]:
     return name, value
 
 
-def _register_kernel_configurables() -> None:
-    """Import the kernel modules whose gin configurables every spec may bind."""
-    import virtex.data.cache  # noqa: F401  shapes_dir
-    import virtex.engine  # noqa: F401  trainer
-    import virtex.runner  # noqa: F401  experiment
-
-
 def parse_spec(
     spec_path: Path,
     params: Sequence[str],
@@ -117,8 +110,13 @@ def parse_spec(
     registry: Registry,
     check_required: bool = True,
 ) -> list[str]:
-    """Parse a spec and the command-line bindings into gin; returns the normalised bindings."""
-    _register_kernel_configurables()
+    """Parse a spec and the command-line bindings into gin; returns the normalised bindings
+    (``check_required=False``: a ``%gin.REQUIRED`` macro left unset is no error yet).
+
+    The configurables it binds must be registered first: plugins' by the registry, the
+    kernel's (``experiment``, ``trainer``, ``shapes_dir``) by importing
+    :mod:`virtex.runner`, whose :func:`~virtex.runner.load_spec` is what callers use.
+    """
     gin.clear_config()
     for d in spec_dirs:
         if str(d) not in gin_config._LOCATION_PREFIXES:
@@ -152,12 +150,10 @@ def parse_spec(
         except Exception as exc:
             raise UserError(f"--gin_param '{param}': {gin_error_message(exc, registry)}") from None
         bindings.append(binding)
-    if check_required:
-        missing = missing_required_macros()
-        if missing:
-            first = missing[0]
-            raise UserError(
-                f"{spec_path.name} needs a value for {', '.join(missing)} (%gin.REQUIRED): "
-                f"add --gin_param {first}=..."
-            )
+    missing = missing_required_macros() if check_required else []
+    if missing:
+        raise UserError(
+            f"{spec_path.name} needs a value for {', '.join(missing)} (%gin.REQUIRED): "
+            f"add --gin_param {missing[0]}=..."
+        )
     return bindings

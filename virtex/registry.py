@@ -167,8 +167,3 @@ def get_registry() -> Registry:
                 file=sys.stderr,
             )
     return _REGISTRY
-
-
-def build(kind: str, name: str, **kwargs: object) -> object:
-    """Build a registered component by kind and name (spec bindings apply)."""
-    return get_registry().get(kind, name)(**kwargs)

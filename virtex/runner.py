@@ -17,7 +17,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,13 @@ import gin
 import numpy as np
 import torch
 
+import virtex.data.cache  # noqa: F401  registers the shapes_dir configurable
+import virtex.engine  # noqa: F401  registers the trainer configurable
 from virtex import dist, io, lock, zoo
 from virtex.config import defined_macros, parse_spec, resolve_spec, spec_name
 from virtex.context import Context, RunLogger
 from virtex.errors import UserError
-from virtex.registry import get_registry
+from virtex.registry import Registry, get_registry
 from virtex.weights import load_backbone_weights
 
 
@@ -45,15 +47,21 @@ class Job:
     nodes: int = 1
     seed: int = 0
     command: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def processes(self) -> int:
-        return max(1, self.gpus or 1) * max(1, self.nodes)
 
 
 def config_hash(config: str, seed: int) -> str:
     return hashlib.sha1(f"{config}\nseed={seed}".encode()).hexdigest()[:8]
+
+
+def load_spec(spec: str | Path, params: Sequence[str], registry: Registry | None = None) -> Path:
+    """Resolve ``spec`` (a path or a spec name) and parse it and ``params`` into gin, with
+    every configurable registered (the kernel's, defined here and in modules this one
+    imports, and the plugins'); returns the spec's path."""
+    registry = registry or get_registry()
+    spec_dirs = registry.spec_dirs()
+    path = resolve_spec(str(spec), spec_dirs)
+    parse_spec(path, params, spec_dirs, registry)
+    return path
 
 
 def prepare(spec: str, params: Sequence[str], run_dir: str | None = None, gpus: int | None = None,
@@ -61,9 +69,8 @@ def prepare(spec: str, params: Sequence[str], run_dir: str | None = None, gpus: 
     """Resolve and parse a spec (all errors surface here), choose and create the run dir."""
     registry = get_registry()
     spec_dirs = registry.spec_dirs()
-    path = resolve_spec(spec, spec_dirs)
-    params = _expand_zoo(path, params, spec_dirs, registry)
-    parse_spec(path, params, spec_dirs, registry)
+    params = _expand_zoo(resolve_spec(spec, spec_dirs), params, spec_dirs, registry)
+    path = load_spec(spec, params, registry)
     name = spec_name(path, spec_dirs)
     config = gin.config_str()
     if not any(line.startswith("experiment.") for line in config.splitlines()):
@@ -143,8 +150,7 @@ def _device(job: Job, local_rank: int) -> torch.device:
 def run_job(job: Job, rank: int = 0, world_size: int = 1, local_rank: int = 0,
             master_addr: str = "127.0.0.1", master_port: int = 29500) -> dict[str, float]:
     """Run one process of ``job``; rank 0 writes ``metrics.json`` and returns the metrics."""
-    registry = get_registry()
-    parse_spec(Path(job.spec), job.params, registry.spec_dirs(), registry)
+    load_spec(job.spec, job.params)
     device = _device(job, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init(rank, world_size, master_addr, master_port, backend)

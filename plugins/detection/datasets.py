@@ -21,8 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from virtex.data.readers import DataFormatError, _annotations, _check_files, _field, _load_json
-from virtex.data.readers import _categories as read_categories
+from virtex.data.readers import (
+    DataFormatError,
+    check_files,
+    coco_annotations,
+    coco_categories,
+    json_field,
+    load_json,
+)
 
 _LVIS_LAYOUT = ("<root>/lvis_v1_<split>.json, images found from each image's coco_url as "
                 "<image_root>/<train2017|val2017>/<file> (e.g. lvis/lvis_v1_train.json, coco/)")
@@ -63,7 +69,7 @@ class DetectionData:
 # ----------------------------------------------------------------------------- COCO, LVIS
 def _categories(data: Any, path: Path) -> tuple[list[int], list[str]]:
     """Category ids in sorted order and their names (the readers' checks and errors)."""
-    index, names = read_categories(_field(data, "categories", list, str(path)), path)
+    index, names = coco_categories(json_field(data, "categories", list, str(path)), path)
     return sorted(index), names
 
 
@@ -84,9 +90,9 @@ def _instances_json(path: Path, data: Any, files: dict[int, Path],
     ids, names = _categories(data, path)
     index = {cid: k for k, cid in enumerate(ids)}
     per_image: dict[int, list[tuple[list[float], int, list | None, bool]]] = {i: [] for i in files}
-    anns = _field(data, "annotations", list, str(path))
-    for where, a, image_id, k in _annotations(anns, path, files, index):
-        bbox = _field(a, "bbox", list, where)
+    anns = json_field(data, "annotations", list, str(path))
+    for where, a, image_id, k in coco_annotations(anns, path, files, index):
+        bbox = json_field(a, "bbox", list, where)
         if len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
             raise DataFormatError(f"{where}: 'bbox' = {bbox!r}, expected [x, y, width, height]")
         x, y, w, h = (float(v) for v in bbox)
@@ -102,7 +108,7 @@ def _instances_json(path: Path, data: Any, files: dict[int, Path],
             labels=np.asarray([o[1] for o in objs], dtype=np.int64),
             polygons=[o[2] for o in objs],
             crowd=np.asarray([o[3] for o in objs], dtype=bool)))
-    _check_files((r.path for r in records), path)
+    check_files((r.path for r in records), path)
     return DetectionData(kind, records, names, ids, annotation_file=path)
 
 
@@ -110,10 +116,10 @@ def _image_sizes(images: list, path: Path) -> dict[int, tuple[int, int]]:
     sizes = {}
     for i, im in enumerate(images):
         where = f"{path}: images[{i}]"
-        image_id = _field(im, "id", int, where)
+        image_id = json_field(im, "id", int, where)
         if image_id in sizes:
             raise DataFormatError(f"{where}: duplicate image id {image_id}")
-        sizes[image_id] = (_field(im, "width", int, where), _field(im, "height", int, where))
+        sizes[image_id] = (json_field(im, "width", int, where), json_field(im, "height", int, where))
     return sizes
 
 
@@ -121,10 +127,10 @@ def read_coco_instances(root: str | Path, split: str = "train2017") -> Detection
     """COCO instances: ``root/annotations/instances_{split}.json``, images in ``root/{split}/``."""
     root = Path(root)
     path = root / "annotations" / f"instances_{split}.json"
-    data = _load_json(path, _COCO_LAYOUT)
-    images = _field(data, "images", list, str(path))
+    data = load_json(path, _COCO_LAYOUT)
+    images = json_field(data, "images", list, str(path))
     sizes = _image_sizes(images, path)
-    files = {im["id"]: root / split / _field(im, "file_name", str, f"{path}: images[{i}]")
+    files = {im["id"]: root / split / json_field(im, "file_name", str, f"{path}: images[{i}]")
              for i, im in enumerate(images)}
     return _instances_json(path, data, files, sizes, "coco")
 
@@ -135,12 +141,12 @@ def read_lvis_instances(root: str | Path, image_root: str | Path,
     folder and file taken from its ``coco_url`` (LVIS v1 reuses the COCO 2017 images)."""
     root, image_root = Path(root), Path(image_root)
     path = root / f"lvis_v1_{split}.json"
-    data = _load_json(path, _LVIS_LAYOUT)
-    images = _field(data, "images", list, str(path))
+    data = load_json(path, _LVIS_LAYOUT)
+    images = json_field(data, "images", list, str(path))
     sizes = _image_sizes(images, path)
     files = {}
     for i, im in enumerate(images):
-        url = _field(im, "coco_url", str, f"{path}: images[{i}]")
+        url = json_field(im, "coco_url", str, f"{path}: images[{i}]")
         parts = url.rstrip("/").split("/")
         if len(parts) < 2:
             raise DataFormatError(f"{path}: images[{i}]: coco_url {url!r} has no <folder>/<file>")
@@ -217,7 +223,7 @@ def read_voc_instances(root: str | Path, split: str, classes: Sequence[str]) -> 
             difficult=np.asarray(difficult, dtype=bool), name=name))
     if not records:
         raise DataFormatError(f"{split_file} lists no images")
-    _check_files((r.path for r in records), split_file)
+    check_files((r.path for r in records), split_file)
     return DetectionData("voc", records, list(classes), voc_root=root, voc_split=split)
 
 

@@ -6,15 +6,15 @@ from collections.abc import Callable
 
 import gin
 from torch import nn
-
-from virtex import hookimpl
-from virtex.models.objectives import (
+from virtex.plugins.models.objectives import (
     BicaptioningModel,
     CaptioningModel,
     MaskedLMModel,
     MultilabelClassificationModel,
     TokenClassificationModel,
 )
+
+from virtex import hookimpl
 from virtex.models.textual import TransformerTextualHead
 from virtex.models.visual import RESNETS, ResNetBackbone
 

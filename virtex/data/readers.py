@@ -40,8 +40,10 @@ class CaptionRecord:
     captions: list[str]
 
 
-# ----------------------------------------------------------------------------- helpers
-def _load_json(path: Path, layout: str) -> Any:
+# ------------------------------------------------- helpers (public: plugins read COCO-style files)
+def load_json(path: Path, layout: str) -> Any:
+    """The JSON in ``path``; a missing file names ``layout`` (the expected files),
+    invalid JSON names the file."""
     if not path.is_file():
         raise DataFormatError(f"annotations file not found: {path}; expected layout: {layout}")
     try:
@@ -51,7 +53,7 @@ def _load_json(path: Path, layout: str) -> Any:
         raise DataFormatError(f"{path}: not valid JSON ({e})") from None
 
 
-def _field(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+def json_field(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     """``obj[key]``, checked to be a dict entry of type ``kind``; ``where`` names the spot."""
     if not isinstance(obj, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -66,7 +68,7 @@ def _field(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any
 
 
 def _list_field(obj: Any, key: str, path: Path) -> list:
-    return _field(obj, key, list, str(path))
+    return json_field(obj, key, list, str(path))
 
 
 def _image_table(images: list, path: Path) -> dict[int, str]:
@@ -74,15 +76,16 @@ def _image_table(images: list, path: Path) -> dict[int, str]:
     table: dict[int, str] = {}
     for i, im in enumerate(images):
         where = f"{path}: images[{i}]"
-        image_id = _field(im, "id", int, where)
+        image_id = json_field(im, "id", int, where)
         if image_id in table:
             raise DataFormatError(f"{where}: duplicate image id {image_id}")
-        table[image_id] = _field(im, "file_name", str, where)
+        table[image_id] = json_field(im, "file_name", str, where)
     return table
 
 
-def _check_files(paths: Iterable[Path], listed_in: Path) -> None:
-    """Raise naming the first path that is not a file on disk."""
+def check_files(paths: Iterable[Path], listed_in: Path) -> None:
+    """Raise naming the first path that is not on disk (and ``listed_in``, the file that
+    lists it); each folder is listed once."""
     listings: dict[Path, set[str]] = {}
     for p in paths:
         folder = p.parent
@@ -102,28 +105,31 @@ def _contiguous(category_ids: Iterable[int]) -> dict[int, int]:
     return {cid: k for k, cid in enumerate(sorted(category_ids))}
 
 
-def _categories(cats: list, path: Path) -> tuple[dict[int, int], list[str]]:
+def coco_categories(cats: list, path: Path) -> tuple[dict[int, int], list[str]]:
+    """A COCO-style ``categories`` list of ``path`` -> (``{category id: class index
+    0..K-1}`` in sorted id order, the class names in that order); ids checked unique."""
     names: dict[int, str] = {}
     for i, c in enumerate(cats):
         where = f"{path}: categories[{i}]"
-        cid = _field(c, "id", int, where)
+        cid = json_field(c, "id", int, where)
         if cid in names:
             raise DataFormatError(f"{where}: duplicate category id {cid}")
-        names[cid] = _field(c, "name", str, where)
+        names[cid] = json_field(c, "name", str, where)
     if not names:
         raise DataFormatError(f"{path}: 'categories' is empty")
     index = _contiguous(names)
     return index, [names[cid] for cid in sorted(names)]
 
 
-def _annotations(anns: list, path: Path, images: Container[int], index: dict[int, int],
-                 categories: str = "'categories'") -> Iterator[tuple[str, dict, int, int]]:
-    """``(where, annotation, image_id, class index)`` for each COCO-style annotation, its
-    ``image_id`` checked against ``images`` and its ``category_id`` against ``index``."""
+def coco_annotations(anns: list, path: Path, images: Container[int], index: dict[int, int],
+                     categories: str = "'categories'") -> Iterator[tuple[str, dict, int, int]]:
+    """``(where, annotation, image_id, class index)`` for each COCO-style annotation of
+    ``path``, its ``image_id`` checked against ``images`` and its ``category_id`` against
+    ``index`` (from :func:`coco_categories`; ``categories`` names where they came from)."""
     for i, a in enumerate(anns):
         where = f"{path}: annotations[{i}]"
-        image_id = _field(a, "image_id", int, where)
-        cid = _field(a, "category_id", int, where)
+        image_id = json_field(a, "image_id", int, where)
+        cid = json_field(a, "category_id", int, where)
         if image_id not in images:
             raise DataFormatError(f"{where}: image_id {image_id} is not in 'images'")
         if cid not in index:
@@ -135,9 +141,9 @@ def _annotations(anns: list, path: Path, images: Container[int], index: dict[int
 def read_caption_strings(path: str | Path) -> list[str]:
     """All caption strings of a COCO captions JSON (``annotations[*].caption``), in file order."""
     path = Path(path)
-    data = _load_json(path, _COCO_LAYOUT.format(kind="captions"))
+    data = load_json(path, _COCO_LAYOUT.format(kind="captions"))
     anns = _list_field(data, "annotations", path)
-    return [_field(a, "caption", str, f"{path}: annotations[{i}]") for i, a in enumerate(anns)]
+    return [json_field(a, "caption", str, f"{path}: annotations[{i}]") for i, a in enumerate(anns)]
 
 
 def read_coco_captions(root: str | Path, split: str = "train2017") -> list[CaptionRecord]:
@@ -151,15 +157,15 @@ def read_coco_captions(root: str | Path, split: str = "train2017") -> list[Capti
     """
     root = Path(root)
     path = root / "annotations" / f"captions_{split}.json"
-    data = _load_json(path, _COCO_LAYOUT.format(kind="captions"))
+    data = load_json(path, _COCO_LAYOUT.format(kind="captions"))
     files = _image_table(_list_field(data, "images", path), path)
     captions: dict[int, list[str]] = {}
     for i, a in enumerate(_list_field(data, "annotations", path)):
         where = f"{path}: annotations[{i}]"
-        image_id = _field(a, "image_id", int, where)
+        image_id = json_field(a, "image_id", int, where)
         if image_id not in files:
             raise DataFormatError(f"{where}: image_id {image_id} is not in 'images'")
-        captions.setdefault(image_id, []).append(_field(a, "caption", str, where))
+        captions.setdefault(image_id, []).append(json_field(a, "caption", str, where))
     blank = sum(not c.strip() for cs in captions.values() for c in cs)
     if blank:
         kept = {i: [c for c in cs if c.strip()] for i, cs in captions.items()}
@@ -170,28 +176,8 @@ def read_coco_captions(root: str | Path, split: str = "train2017") -> list[Capti
               f"image(s) left without a caption are not used{first}", file=sys.stderr)
     records = [CaptionRecord(i, root / split / files[i], captions[i])
                for i in sorted(captions)]
-    _check_files((r.path for r in records), path)
+    check_files((r.path for r in records), path)
     return records
-
-
-def read_coco_labels(root: str | Path, split: str = "train2017"
-                     ) -> tuple[dict[int, np.ndarray], list[str]]:
-    """Image-level multi-hot labels from ``root/annotations/instances_{split}.json``.
-
-    Category ids are mapped to 0..K-1 in sorted id order (COCO: 80 of the ids 1..90).
-    Returns ``({image_id: float32 array (K,)}, category names)``; images with no
-    instance get all zeros.
-    """
-    root = Path(root)
-    path = root / "annotations" / f"instances_{split}.json"
-    data = _load_json(path, _COCO_LAYOUT.format(kind="instances"))
-    index, names = _categories(_list_field(data, "categories", path), path)
-    images = _image_table(_list_field(data, "images", path), path)
-    labels = {i: np.zeros(len(names), dtype=np.float32) for i in sorted(images)}
-    for _, _, image_id, k in _annotations(_list_field(data, "annotations", path), path, labels,
-                                          index):
-        labels[image_id][k] = 1.0
-    return labels, names
 
 
 def read_coco_instance_labels(root: str | Path, split: str = "train2017"
@@ -204,15 +190,15 @@ def read_coco_instance_labels(root: str | Path, split: str = "train2017"
     """
     root = Path(root)
     path = root / "annotations" / f"instances_{split}.json"
-    data = _load_json(path, _COCO_LAYOUT.format(kind="instances"))
+    data = load_json(path, _COCO_LAYOUT.format(kind="instances"))
     cats = _list_field(data, "categories", path)
-    _categories(cats, path)  # checks ids and names
+    coco_categories(cats, path)  # checks ids and names
     index = {c["id"]: k for k, c in enumerate(cats, start=1)}
     names = [c["name"] for c in cats]
     images = _image_table(_list_field(data, "images", path), path)
     found: dict[int, set[int]] = {}
-    for _, _, image_id, k in _annotations(_list_field(data, "annotations", path), path, images,
-                                          index):
+    anns = _list_field(data, "annotations", path)
+    for _, _, image_id, k in coco_annotations(anns, path, images, index):
         found.setdefault(image_id, set()).add(k)
     return {i: sorted(found[i]) for i in sorted(found)}, names
 
@@ -271,7 +257,7 @@ def read_voc_classification(root: str | Path, split: str = "trainval"
             absent = ids[int(np.flatnonzero(~seen)[0])]
             raise DataFormatError(f"{path}: image id {absent!r} of {split}.txt has no line")
     paths = [root / "JPEGImages" / f"{i}.jpg" for i in ids]
-    _check_files(paths, main / f"{split}.txt")
+    check_files(paths, main / f"{split}.txt")
     return paths, labels, classes
 
 
@@ -319,21 +305,21 @@ def read_inat(root: str | Path, split: str = "train2018"
     root = Path(root)
     path = root / f"{split}.json"
     layout = "<root>/{train2018,val2018}.json with file_name relative to <root>"
-    data = _load_json(path, layout)
+    data = load_json(path, layout)
     cats = data.get("categories") if isinstance(data, dict) else None
     if not cats:
         cats_path = root / "categories.json"
-        cats = _load_json(cats_path, layout + " and <root>/categories.json")
+        cats = load_json(cats_path, layout + " and <root>/categories.json")
         if not isinstance(cats, list):
             raise DataFormatError(f"{cats_path}: expected a JSON list of categories")
         path_for_cats = cats_path
     else:
         path_for_cats = path
-    index, names = _categories(cats, path_for_cats)
+    index, names = coco_categories(cats, path_for_cats)
     files = _image_table(_list_field(data, "images", path), path)
     target: dict[int, int] = {}
     anns = _list_field(data, "annotations", path)
-    for where, _, image_id, k in _annotations(anns, path, files, index, "the categories"):
+    for where, _, image_id, k in coco_annotations(anns, path, files, index, "the categories"):
         if image_id in target:
             raise DataFormatError(f"{where}: image {image_id} has a second annotation")
         target[image_id] = k
@@ -343,5 +329,5 @@ def read_inat(root: str | Path, split: str = "train2018"
                               "annotation (the test split is unlabelled and cannot be read here)")
     ids = sorted(files)
     paths = [root / files[i] for i in ids]
-    _check_files(paths, path)
+    check_files(paths, path)
     return paths, np.asarray([target[i] for i in ids], dtype=np.int64), names

@@ -16,7 +16,7 @@ from torch import nn
 from virtex import checkpoint
 from virtex.context import Context
 from virtex.errors import UserError
-from virtex.models.interop import virtex_state_dict_to_ours
+from virtex.weights import key_mismatches, virtex_state_dict_to_ours
 
 
 def is_captioning_model(model: object) -> bool:
@@ -55,14 +55,9 @@ def captioning_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module,
     own = model.state_dict()
     if not any(k.startswith("textual_backward.") for k in own):  # the backward head is unused here
         state = {k: v for k, v in state.items() if not k.startswith("textual_backward.")}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{title}: {_few(keys)}" for title, keys in (
-            ("shape mismatch (checkpoint vs model)", shapes), ("missing", missing),
-            ("unexpected", unexpected)) if keys]
+    parts = key_mismatches(state, own, "checkpoint vs model")
+    if parts:
+        missing = [k for k in own if k not in state]
         hint = ""
         if missing and all(k.startswith("textual_backward.") for k in missing):
             hint = " (a forward-only captioning checkpoint: use the model @tasks.captioning)"
@@ -92,13 +87,6 @@ def load_captioning_checkpoint(model: nn.Module, path: str | Path) -> None:
         raise UserError(f"checkpoint '{path}' holds no model state dict (expected "
                         "{'model': {name: tensor}} or a state dict)")
     model.load_state_dict(captioning_state_dict(state, model, str(path)))
-
-
-def load_captioning_model(factory: Callable[[], nn.Module], path: str | Path) -> nn.Module:
-    """Build ``factory()`` and load checkpoint ``path`` into it."""
-    model = build_captioning_model(factory)
-    load_captioning_checkpoint(model, path)
-    return model
 
 
 class ModelSource:

@@ -23,7 +23,7 @@ class ResNetBackbone(nn.Module):
     into a plain torchvision model; ``forward`` only runs ``conv1 .. layer4``.
     With ``frozen_bn=True`` every BatchNorm2d is a ``FrozenBatchNorm2d`` (fixed
     statistics and affine, no gradients); its state dict lacks ``num_batches_tracked``
-    but otherwise has the same keys (``interop.backbone_state_dict`` fills them in).
+    but otherwise has the same keys (``virtex.weights.backbone_state_dict`` fills them in).
     """
 
     def __init__(

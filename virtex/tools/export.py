@@ -14,7 +14,7 @@ import sys
 
 from virtex.checkpoint import load
 from virtex.errors import UserError
-from virtex.models.interop import export_backbone
+from virtex.weights import export_backbone
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         export_backbone(load(args.ckpt), args.out)
-    except (UserError, ValueError) as exc:
+    except UserError as exc:
         print(f"export: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")

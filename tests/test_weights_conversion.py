@@ -1,4 +1,4 @@
-"""Published VirTex checkpoints in, torchvision / MoCo ResNet weights in and out."""
+"""virtex.weights: published VirTex checkpoints in, torchvision / MoCo ResNet weights in and out."""
 
 import copy
 import os
@@ -8,17 +8,18 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 from torch import nn
+from virtex.plugins.models.objectives import BicaptioningModel
 
-from virtex.models.interop import (
-    backbone_state_dict,
-    export_backbone,
-    load_torchvision_backbone_weights,
-    moco_state_dict_to_torchvision,
-    virtex_state_dict_to_ours,
-)
-from virtex.models.objectives import BicaptioningModel
+from virtex.errors import UserError
 from virtex.models.textual import TransformerTextualHead
 from virtex.models.visual import ResNetBackbone
+from virtex.weights import (
+    backbone_state,
+    backbone_state_dict,
+    export_backbone,
+    load_backbone_state,
+    virtex_state_dict_to_ours,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,8 +164,13 @@ def test_conversion_without_model_and_bad_checkpoints():
     assert "unexpected keys (1): textual.transformer.norm.weight" in message
     assert "missing keys (1): backward_textual.transformer.layers.1.norm2.weight" in message
 
-    with pytest.raises(ValueError, match="shape mismatches"):
+    with pytest.raises(ValueError) as error:
         virtex_state_dict_to_ours(sd, model=ours(backbone="resnet50"))
+    message = str(error.value)
+    assert message.startswith("architecture mismatch; shape mismatch (converted checkpoint "
+                              "vs model): visual.cnn.layer1.0.conv1.weight (64, 64, 3, 3) vs "
+                              "(64, 64, 1, 1)")
+    assert "missing: visual.cnn.layer1.0.conv3.weight" in message
 
 
 def randomize_bn(backbone: ResNetBackbone) -> None:
@@ -211,7 +217,7 @@ def test_backbone_from_published_checkpoint_and_loading():
     state = backbone_state_dict({"model": ref.state_dict()})
     assert "fc.weight" not in state and "layer4.1.bn2.running_var" in state
     backbone = ResNetBackbone("resnet18", frozen_bn=True)
-    assert load_torchvision_backbone_weights(backbone, state) == ["fc.weight", "fc.bias"]
+    assert load_backbone_state(backbone, state) == ["fc.weight", "fc.bias"]
     assert torch.equal(
         backbone.cnn.layer4[1].bn2.running_var, ref.visual.cnn.layer4[1].bn2.running_var
     )
@@ -222,13 +228,13 @@ def test_backbone_from_published_checkpoint_and_loading():
 
 def test_architecture_mismatch_is_a_clear_error():
     state = torchvision.models.resnet18(weights=None).state_dict()
-    with pytest.raises(ValueError) as error:
-        load_torchvision_backbone_weights(ResNetBackbone("resnet50"), state)
+    with pytest.raises(UserError) as error:
+        load_backbone_state(ResNetBackbone("resnet50"), state)
     message = str(error.value)
-    assert "architecture mismatch" in message
-    assert "layer1.0.conv1.weight: (64, 64, 3, 3) vs (64, 64, 1, 1)" in message
-    assert "missing keys" in message and "layer1.0.conv3.weight" in message
-    with pytest.raises(ValueError, match="no ResNet weights"):
+    assert message.startswith("the state dict holds a resnet18, the backbone is a resnet50 (")
+    assert "shape mismatch (file vs backbone): layer1.0.conv1.weight (64, 64, 3, 3) vs (64, 64, 1, 1)" in message
+    assert "missing: layer1.0.conv3.weight" in message
+    with pytest.raises(UserError, match="no ResNet weights found .* first keys: encoder.weight"):
         backbone_state_dict({"encoder.weight": torch.zeros(1)})
 
 
@@ -239,14 +245,15 @@ def test_moco_checkpoint_loads_into_backbone():
     moco = {f"module.encoder_q.{k}": v for k, v in encoder.state_dict().items()}
     moco.update({f"module.encoder_k.{k}": v + 1 for k, v in encoder.state_dict().items()})
     moco["module.queue"] = torch.randn(128, 16)
-    state = moco_state_dict_to_torchvision({"epoch": 200, "state_dict": moco})
+    state = backbone_state({"epoch": 200, "state_dict": moco}, "moco")
     assert not any(k.startswith("fc.") for k in state)
 
     backbone = ResNetBackbone("resnet18")
-    assert load_torchvision_backbone_weights(backbone, state) == ["fc.weight", "fc.bias"]
+    assert load_backbone_state(backbone, state) == ["fc.weight", "fc.bias"]
     images = torch.randn(2, 3, 32, 32)
     backbone.eval(), encoder.eval()
     with torch.no_grad():
         assert torch.equal(backbone(images), torchvision_features(encoder, images))
-    with pytest.raises(ValueError, match="encoder_q"):
-        moco_state_dict_to_torchvision({"state_dict": {"module.conv1.weight": torch.zeros(1)}})
+    with pytest.raises(UserError, match=r"the state dict is not a MoCo checkpoint "
+                                        r"\('module.encoder_q.\*' weights under 'state_dict'\)"):
+        backbone_state({"state_dict": {"module.conv1.weight": torch.zeros(1)}}, "moco")
