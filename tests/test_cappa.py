@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from cli import run_cli
 from virtex.plugins.cappa import CapPaModel
+from virtex.plugins.models.objectives import CaptioningModel
 
-from virtex.models.objectives import CaptioningModel
 from virtex.models.textual import TransformerTextualHead
 from virtex.models.visual import ResNetBackbone
 

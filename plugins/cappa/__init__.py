@@ -21,10 +21,10 @@ import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
+from virtex.plugins.models.objectives import CaptioningModel
 
 from virtex import hookimpl
 from virtex.checks import Range
-from virtex.models.objectives import CaptioningModel
 from virtex.models.textual import TransformerTextualHead
 
 
