@@ -3,7 +3,8 @@
 One :class:`DetectionSettings` holds them all: specs bind it as ``detection_settings``
 (``evaluators.coco_instance_seg.settings = @detection_settings()``), each value is checked
 once, when it is built, and the evaluator hands it, with its architecture and number of
-classes filled in, to the backend.
+classes filled in, to the backend. A spec running two detection evaluators gives each its
+own scope: ``@coco/detection_settings()`` with ``coco/detection_settings.lr = ...``.
 """
 
 from __future__ import annotations
