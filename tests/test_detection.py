@@ -23,7 +23,7 @@ from virtex.plugins.detection.datasets import (
     voc_classes,
 )
 from virtex.plugins.detection.evaluate import Prediction, voc_ap11, voc_metrics
-from virtex.plugins.detection.settings import Settings
+from virtex.plugins.detection.settings import DetectionSettings
 from virtex.plugins.detection.torchvision_backend import RepeatFactorSampler, build_detector
 
 from virtex.checkpoint import list_checkpoints
@@ -55,7 +55,7 @@ def params(task: str, root: Path, backend: str = "torchvision", backbone: str = 
     if task == "voc":
         out.append(f"evaluators.{name}.train=[('VOC2007', 'trainval')]")
     for key, value in {**TINY, **overrides}.items():
-        out.append(f"evaluators.{name}.{key}={value!r}")
+        out.append(f"detection_settings.{key}={value!r}")
     return [a for p in out for a in ("--gin_param", p)]
 
 
@@ -183,7 +183,7 @@ def _virtex_checkpoint(path: Path, name: str = "resnet18") -> dict[str, torch.Te
 
 def test_c4_detector_holds_the_backbone_and_res5_weights(tmp_path):
     cnn = _virtex_checkpoint(tmp_path / "x.pt")
-    s = Settings(arch="faster_rcnn_c4", num_classes=3, norm="BN", extra_norm=True)
+    s = DetectionSettings(arch="faster_rcnn_c4", num_classes=3, norm="BN", extra_norm=True)
     det = build_detector(s, "resnet18", cnn)
     assert torch.equal(det.backbone.layer3[1].conv2.weight, cnn["layer3.1.conv2.weight"])
     assert torch.equal(det.roi_heads.box_head.res5[0].downsample[1].running_var,
@@ -322,22 +322,24 @@ def test_paper_detection_specs_use_detectron2(capsys):
         config = _config(capsys, spec, "ckpt=x.pt")
         assert config["backend"] == "'detectron2'", task
         assert config[f"{TASKS[task]}.backend"] == "%backend", task
-        assert config[f"{TASKS[task]}.norm"] == "'SyncBN'", task
+        assert config[f"{TASKS[task]}.settings"] == "@detection_settings()", task
+        assert config["detection_settings.norm"] == "'SyncBN'", task
 
 
 def test_lvis_imagenet_init_spec_is_lvis_with_frozen_bn_and_no_fpn_norm(capsys):
     base = _config(capsys, SPECS["lvis"], "ckpt=r50.pth")
     config = _config(capsys, "downstream/lvis_imagenet_init", "ckpt=r50.pth")  # by name
     changed = {k: v for k, v in config.items() if base.get(k) != v}
-    assert changed == {"weight_init": "'torchvision'", "lvis_instance_seg.norm": "'FrozenBN'",
-                       "lvis_instance_seg.fpn_norm": "None"}
+    assert changed == {"weight_init": "'torchvision'", "detection_settings.norm": "'FrozenBN'",
+                       "detection_settings.fpn_norm": "None"}
     assert set(base) == set(config)  # nothing of lvis.gin is lost (detectron2, schedule, ...)
-    assert base["weight_init"] == "'virtex'" and base["lvis_instance_seg.fpn_norm"] == "'SyncBN'"
+    assert base["weight_init"] == "'virtex'" and base["detection_settings.fpn_norm"] == "'SyncBN'"
 
 
 def test_frozen_bn_without_fpn_norm_has_no_trainable_norm(tmp_path):
     cnn = _virtex_checkpoint(tmp_path / "x.pt")
-    det = build_detector(Settings(norm="FrozenBN", fpn_norm=None, num_classes=3), "resnet18", cnn)
+    det = build_detector(DetectionSettings(arch="mask_rcnn_fpn", norm="FrozenBN", fpn_norm=None,
+                                            num_classes=3), "resnet18", cnn)
     kinds = {type(m).__name__ for m in det.modules()}
     assert "FrozenBatchNorm2d" in kinds and not kinds & {"BatchNorm2d", "SyncBN", "SyncBatchNorm"}
     bn1 = det.backbone.body.bn1

@@ -12,7 +12,7 @@ import torch
 from test_detection import _finite, _virtex_checkpoint, run_spec
 from virtex.plugins.detection.datasets import read_voc_instances, voc_classes
 from virtex.plugins.detection.evaluate import VOC_IOUS, Prediction, voc_class_ap, voc_metrics
-from virtex.plugins.detection.settings import Settings
+from virtex.plugins.detection.settings import DetectionSettings
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed (bash .ci/detectron2.sh)")
 
@@ -77,7 +77,7 @@ def test_backbone_weights_fill_detectron2_model(tmp_path, arch, backbone):
     from virtex.plugins.detection.detectron2_backend import build_config, d2_state, load_backbone
 
     cnn = _virtex_checkpoint(tmp_path / "x.pt", backbone)
-    s = Settings(arch=arch, num_classes=5, norm="BN", fpn_norm="BN", extra_norm=True)
+    s = DetectionSettings(arch=arch, num_classes=5, norm="BN", fpn_norm="BN", extra_norm=True)
     cfg = build_config(s, backbone, tmp_path, torch.device("cpu"), "a", "b")
     model = build_model(cfg)
     state = d2_state(cnn, arch)
@@ -106,7 +106,7 @@ def test_frozen_bn_and_no_fpn_norm_in_detectron2(tmp_path):
     from virtex.plugins.detection.detectron2_backend import build_config, d2_state, load_backbone
 
     cnn = _virtex_checkpoint(tmp_path / "x.pt", "resnet18")
-    s = Settings(arch="mask_rcnn_fpn", num_classes=5, norm="FrozenBN", fpn_norm=None)
+    s = DetectionSettings(arch="mask_rcnn_fpn", num_classes=5, norm="FrozenBN", fpn_norm=None)
     cfg = build_config(s, "resnet18", tmp_path, torch.device("cpu"), "a", "b")
     assert cfg.MODEL.RESNETS.NORM == "FrozenBN" and cfg.MODEL.FPN.NORM == ""
     model = build_model(cfg)

@@ -24,10 +24,11 @@ from virtex.checkpoint import list_checkpoints
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, shapes_root):
-    """A tiny pretraining spec (ResNet-18, 32 px) with a checkpoint at every step."""
+    """A tiny pretraining spec (ResNet-18, 32 px) with a checkpoint at every step; it binds
+    the paper's learning rate (Trainer's default) so that config.gin records it."""
     spec, params = tiny_pretrain(tmp_path_factory.mktemp("spec"), shapes_root / "coco",
                                  batch_size=4, max_steps=3, warmup_steps=1, checkpoint_every=1,
-                                 log_every=1, keep_last=10)
+                                 log_every=1, keep_last=10, lr=0.001)
     cache = tmp_path_factory.mktemp("cache")
     return [str(spec), *params], {"VIRTEX_CACHE": str(cache)}
 

@@ -45,6 +45,7 @@ def test_wheel_has_no_generic_top_level_names(tmp_path):
     assert "virtex/launchers/local.py" in names
     assert "virtex/specs/pretrain/bicap_r50.gin" in names
     assert "virtex/specs/quickstart.gin" in names
+    assert "virtex/specs/runs/transfer.gin" in names  # nested spec dirs are packaged
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[virtex]" in text and "models = virtex.plugins.models" in text

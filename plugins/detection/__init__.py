@@ -15,8 +15,8 @@ killed run resumes there.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from virtex import dist, hookimpl
 from virtex.context import Context
@@ -32,9 +32,8 @@ from .datasets import (
     read_voc_instances,
     voc_classes,
 )
-from .settings import ARCHS, NORMS, Settings
+from .settings import DetectionSettings
 
-BACKENDS = ("auto", "torchvision", "detectron2")
 D2_INSTALL = ("install it as in its documentation (an official build) or with 'bash "
               ".ci/detectron2.sh' (detectron2 0.6, Python code only), or choose the torchvision "
               "detectors knowingly with --gin_param backend=torchvision (not the paper's protocol)")
@@ -53,66 +52,30 @@ def detectron2_available() -> bool:
     return detectron2_missing() is None
 
 
-_SCHEDULE_2X = dict(max_steps=180_000, milestones=(120_000, 160_000), warmup_steps=1000)
-_FPN_SIZES = (640, 672, 704, 736, 768, 800)
-
-
 class _Detection:
-    """Arguments common to the three evaluators; ``None`` means the task's default (the
-    paper's setting, in each class's ``defaults``)."""
+    """What the three evaluators share: the data (``root``, ``train``, ``test``, ``image_root``),
+    the ``backend``, and the run's :class:`DetectionSettings` (``settings``, the specs'
+    ``@detection_settings()``; None: ``DetectionSettings()``)."""
 
     name = ""
     prefix = ""
     arch = "mask_rcnn_fpn"
-    defaults: dict = {}
+    default_train: object = None
+    default_test: object = None
 
     def __init__(self, root: str, train: object = None, test: object = None,
-                 image_root: str | None = None, backend: str = "detectron2", norm: str = "SyncBN",
-                 fpn_norm: str | None = "SyncBN", extra_norm: bool | None = None,
-                 min_size_train: Sequence[int] | None = None, min_size_test: int = 800,
-                 max_size: int = 1333, batch_size: int = 16, lr: float = 0.02,
-                 max_steps: int | None = None, milestones: Sequence[int] | None = None,
-                 warmup_steps: int | None = None, momentum: float = 0.9,
-                 weight_decay: float = 1e-4, rpn_pre_nms_train: int | None = None,
-                 rpn_pre_nms_test: int | None = None, rpn_post_nms_train: int | None = None,
-                 rpn_post_nms_test: int | None = None, roi_batch_size: int = 512,
-                 score_thresh: float | None = None, detections_per_image: int | None = None,
-                 repeat_threshold: float | None = None, precise_bn_iters: int = 200,
-                 amp: str | None = None, checkpoint_every: int = 5000, num_workers: int = 4,
-                 cpu_threads: int | None = None, log_every: int = 20):
-        where = f"evaluators.{self.name}"
-        if backend not in BACKENDS:
-            raise UserError(f"{where}.backend = {backend!r}: expected one of {', '.join(BACKENDS)}")
-        if norm not in NORMS:
-            raise UserError(f"{where}.norm = {norm!r}: expected one of {', '.join(NORMS)}")
-        if fpn_norm is not None and fpn_norm not in NORMS:
-            raise UserError(f"{where}.fpn_norm = {fpn_norm!r}: expected None or one of "
-                            f"{', '.join(NORMS)}")
-        if amp not in (None, "fp16", "bf16"):
-            raise UserError(f"{where}.amp = {amp!r}: expected None, 'fp16' or 'bf16'")
-        given = dict(
-            train=train, test=test, extra_norm=extra_norm, min_size_train=min_size_train,
-            max_steps=max_steps, milestones=milestones, warmup_steps=warmup_steps,
-            score_thresh=score_thresh, detections_per_image=detections_per_image,
-            repeat_threshold=repeat_threshold)
-        chosen = {k: self.defaults.get(k) if v is None else v for k, v in given.items()}
-        if batch_size < 1 or chosen["max_steps"] < 0 or not chosen["min_size_train"]:
-            raise UserError(f"{where}: batch_size >= 1, max_steps >= 0 and a non-empty "
-                            "min_size_train are needed")
+                 image_root: str | None = None,
+                 backend: Literal["auto", "torchvision", "detectron2"] = "detectron2",
+                 settings: DetectionSettings | None = None):
+        if settings is None:
+            settings = DetectionSettings()
+        if not isinstance(settings, DetectionSettings):
+            raise UserError(f"evaluators.{self.name}.settings = {settings!r}: expected "
+                            "@detection_settings()")
         self.root, self.image_root, self.backend = root, image_root, backend
-        self.train, self.test = chosen.pop("train"), chosen.pop("test")
-        self.options = dict(
-            norm=norm, fpn_norm=fpn_norm, extra_norm=bool(chosen.pop("extra_norm")),
-            min_size_train=tuple(chosen.pop("min_size_train")), min_size_test=min_size_test,
-            max_size=max_size, batch_size=batch_size, lr=lr,
-            milestones=tuple(chosen.pop("milestones")), momentum=momentum,
-            weight_decay=weight_decay, rpn_pre_nms_train=rpn_pre_nms_train,
-            rpn_pre_nms_test=rpn_pre_nms_test, rpn_post_nms_train=rpn_post_nms_train,
-            rpn_post_nms_test=rpn_post_nms_test, roi_batch_size=roi_batch_size,
-            precise_bn_iters=precise_bn_iters, amp=amp, checkpoint_every=checkpoint_every,
-            num_workers=num_workers, cpu_threads=cpu_threads, log_every=log_every, **chosen)
-        self.options["repeat_threshold"] = self.options["repeat_threshold"] or None
-        assert self.arch in ARCHS
+        self.train = self.default_train if train is None else train
+        self.test = self.default_test if test is None else test
+        self.settings = settings.for_task(self.arch)
         if backend == "detectron2":
             self.resolved_backend()  # fail before any checkpoint or data is read
 
@@ -140,11 +103,11 @@ class _Detection:
                             f"(experiment.backbone = @backbones.resnet50 or another of "
                             f"{', '.join(RESNETS)}), got {type(backbone).__name__}")
         backend = self.resolved_backend()
-        if self.options["batch_size"] % ctx.world_size:
-            raise UserError(f"evaluators.{self.name}.batch_size = {self.options['batch_size']} "
+        if self.settings.batch_size % ctx.world_size:
+            raise UserError(f"detection_settings.batch_size = {self.settings.batch_size} "
                             f"is not divisible by the {ctx.world_size} processes")
         train, test = self.data()
-        settings = Settings(arch=self.arch, num_classes=len(train.classes), **self.options)
+        settings = self.settings.for_task(self.arch, len(train.classes))
         work_dir = (ctx.run_dir / "detection"
                     / f"{self.name}-{backend}-{weights_hash(backbone.cnn)[:10]}")
         if backend == "torchvision":
@@ -175,9 +138,7 @@ class CocoInstanceSeg(_Detection):
     Metrics ``coco/bbox_AP``, ``coco/segm_AP``, ``..._AP50`` ... (percent)."""
 
     name, prefix, arch = "coco_instance_seg", "coco", "mask_rcnn_fpn"
-    defaults = dict(train="train2017", test="val2017", extra_norm=False,
-                    min_size_train=_FPN_SIZES, score_thresh=0.05, detections_per_image=100,
-                    **_SCHEDULE_2X)
+    default_train, default_test = "train2017", "val2017"
 
     def data(self) -> tuple[DetectionData, DetectionData]:
         return read_coco_instances(self.root, self.train), read_coco_instances(self.root, self.test)
@@ -194,9 +155,7 @@ class LvisInstanceSeg(_Detection):
     ``lvis/segm_AP``, ``lvis/segm_APr`` / ``APc`` / ``APf`` (and ``bbox_*``) by the LVIS API."""
 
     name, prefix, arch = "lvis_instance_seg", "lvis", "mask_rcnn_fpn"
-    defaults = dict(train="train", test="val", extra_norm=False, min_size_train=_FPN_SIZES,
-                    score_thresh=0.0001, detections_per_image=300, repeat_threshold=0.001,
-                    **_SCHEDULE_2X)
+    default_train, default_test = "train", "val"
 
     def data(self) -> tuple[DetectionData, DetectionData]:
         if self.image_root is None:
@@ -208,7 +167,7 @@ class LvisInstanceSeg(_Detection):
     def metrics(self, test: DetectionData, predictions: list) -> dict[str, float]:
         from .evaluate import lvis_metrics
 
-        return lvis_metrics(test, predictions, max_dets=self.options["detections_per_image"])
+        return lvis_metrics(test, predictions, max_dets=self.settings.detections_per_image)
 
 
 class VocDetection(_Detection):
@@ -218,11 +177,8 @@ class VocDetection(_Detection):
     11-point metric over IoU 0.5:0.95, see ``evaluate.py``)."""
 
     name, prefix, arch = "voc_detection", "voc_det", "faster_rcnn_c4"
-    defaults = dict(train=(("VOC2007", "trainval"), ("VOC2012", "trainval")),
-                    test=("VOC2007", "test"), extra_norm=True,
-                    min_size_train=(480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800),
-                    max_steps=24_000, milestones=(18_000, 22_000), warmup_steps=100,
-                    score_thresh=0.05, detections_per_image=100)
+    default_train = (("VOC2007", "trainval"), ("VOC2012", "trainval"))
+    default_test = ("VOC2007", "test")
 
     def _pairs(self, value: object, what: str) -> list[tuple[Path, str]]:
         """``train``: a list of (directory, split); ``test``: one such pair."""

@@ -26,7 +26,7 @@ from virtex.errors import UserError
 
 from .datasets import DetectionData, Instances, trainable
 from .evaluate import lvis_numpy_compat
-from .settings import Settings
+from .settings import DetectionSettings
 
 PIXEL_MEAN = [123.675, 116.280, 103.530]  # torchvision's ImageNet mean / std, RGB, 0..255
 PIXEL_STD = [58.395, 57.120, 57.375]
@@ -107,7 +107,7 @@ def _register_extra_norm_head() -> None:
     ROI_HEADS_REGISTRY.register(Res5ROIHeadsExtraNorm)
 
 
-def build_config(s: Settings, backbone: str, work_dir: Path, device: torch.device,
+def build_config(s: DetectionSettings, backbone: str, work_dir: Path, device: torch.device,
                  train_name: str, test_name: str):
     """The detectron2 config: a model-zoo base with the settings ``s`` on top."""
     from detectron2.config import get_cfg
@@ -232,8 +232,8 @@ def _logger(work_dir: Path, rank: int) -> None:
         log.addHandler(h)
 
 
-def run(ctx: Context, s: Settings, train: DetectionData, test: DetectionData, work_dir: Path,
-        task: str) -> dict[str, float]:
+def run(ctx: Context, s: DetectionSettings, train: DetectionData, test: DetectionData,
+        work_dir: Path, task: str) -> dict[str, float]:
     """Fine-tune with detectron2's DefaultTrainer (resuming from ``work_dir``) and evaluate;
     returns the evaluator's numbers (percent) under this plugin's metric names."""
     from detectron2.engine import DefaultTrainer

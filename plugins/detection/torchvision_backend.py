@@ -33,7 +33,7 @@ from virtex.models.visual import RESNETS
 
 from .datasets import DetectionData, DetectionDataset, load_rgb
 from .evaluate import Prediction, encode_masks
-from .settings import Settings
+from .settings import DetectionSettings
 
 
 class SyncBN(nn.BatchNorm2d):
@@ -94,7 +94,8 @@ class Res5Head(nn.Module):
         return self.norm(self.res5(x)).mean(dim=(2, 3))
 
 
-def build_detector(s: Settings, backbone_name: str, state: dict[str, torch.Tensor]) -> nn.Module:
+def build_detector(s: DetectionSettings, backbone_name: str,
+                   state: dict[str, torch.Tensor]) -> nn.Module:
     """The torchvision detector of ``s`` with its ResNet initialised from ``state``."""
     cnn = build_resnet(backbone_name, s.norm, state)
     common = dict(
@@ -183,7 +184,8 @@ class DetectionTrainer(Trainer):
 
 
 @torch.no_grad()
-def precise_bn(task: DetectorTask, dataset: DetectionDataset, s: Settings, ctx: Context) -> None:
+def precise_bn(task: DetectorTask, dataset: DetectionDataset, s: DetectionSettings,
+               ctx: Context) -> None:
     """Recompute BatchNorm statistics of the final model as a plain average over
     ``s.precise_bn_iters`` training batches (detectron2's PreciseBN at test time)."""
     bns = [m for m in task.modules()
@@ -222,7 +224,8 @@ class _TestImages(Dataset):
 
 
 @torch.no_grad()
-def predict(detector: nn.Module, data: DetectionData, s: Settings, ctx: Context) -> list[Prediction]:
+def predict(detector: nn.Module, data: DetectionData, s: DetectionSettings,
+            ctx: Context) -> list[Prediction]:
     """Detections of every test image (images split over processes, gathered on all)."""
     detector.eval()
     transform = detector.transform
@@ -249,7 +252,7 @@ def predict(detector: nn.Module, data: DetectionData, s: Settings, ctx: Context)
     return sorted(everything, key=lambda p: p.index)
 
 
-def run(ctx: Context, s: Settings, train: DetectionData, test: DetectionData,
+def run(ctx: Context, s: DetectionSettings, train: DetectionData, test: DetectionData,
         work_dir: Path) -> list[Prediction]:
     """Fine-tune a detector from ``ctx.backbone`` (resuming from ``work_dir``), predict ``test``."""
     cnn = ctx.backbone.cnn
