@@ -107,7 +107,7 @@ def test_the_installed_package_registers_the_task(site, tmp_path):
     res = run_cli("pretrain/bag_of_words_idf_r50", "--print_config", pythonpath=[site],
                   env={"VIRTEX_CACHE": str(tmp_path)})
     assert res.returncode == 0, res.stderr
-    assert "experiment.task = @tasks.bag_of_words_idf" in res.stdout
+    assert "task = @tasks.bag_of_words_idf" in res.stdout
 
 
 @pytest.mark.slow
@@ -115,7 +115,7 @@ def test_bag_of_words_idf_pretraining_beats_random_init_on_voc07(site, tmp_path)
     spec = tmp_path / "bow_quick.gin"
     spec.write_text("\n".join([
         "include 'quickstart.gin'",
-        "experiment.task = @tasks.bag_of_words_idf",
+        "task = @tasks.bag_of_words_idf",
         "tasks.bag_of_words_idf.visual = %visual",
         "tasks.bag_of_words_idf.tokenizer = @tokenizer()",
         "experiment.evaluators = [@evaluators.voc07_svm()]",

@@ -102,7 +102,7 @@ def _quick_spec(tmp_path: Path) -> Path:
     spec = tmp_path / "cappa_quick.gin"
     spec.write_text("\n".join([
         "include 'quickstart.gin'",
-        "experiment.task = @tasks.cappa",
+        "task = @tasks.cappa",
         "tasks.cappa.visual = %visual",
         "tasks.cappa.textual = @textual_heads.transformer",
         "tasks.cappa.tokenizer = @tokenizer()",

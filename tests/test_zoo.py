@@ -189,6 +189,12 @@ def test_a_model_without_a_textual_head_cannot_caption(server, tmp_path):
     assert res.returncode == 2, res.stderr
     assert "token_classification model has no textual head" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and server.requests == []
+    res = run_cli("inference/caption_folder", "--gin_param", f"images={tmp_path}",
+                  "--gin_param", "ckpt=zoo:captioning_R_50_L1_H2048",
+                  env={"VIRTEX_ZOO_URL": server.url, "TORCH_HOME": str(tmp_path / "th")})
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "is a tasks.captioning model, but this spec builds tasks.bicaptioning" in res.stderr
+    assert server.requests == []  # nothing downloaded for a run that cannot use it
 
 
 def test_list_shows_every_zoo_name_with_its_architecture():

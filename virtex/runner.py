@@ -90,7 +90,8 @@ def _expand_zoo(path: Path, params: Sequence[str], spec_dirs: list[Path],
         return list(params)
     parse_spec(path, [p for p in params if not zoo.zoo_name(p)], spec_dirs, registry,
                check_required=False)
-    return zoo.expand_params(params, set(defined_macros()).__contains__)
+    macros = {name: str(gin.query_parameter(f"%{name}")) for name in defined_macros()}
+    return zoo.expand_params(params, macros)
 
 
 @contextlib.contextmanager

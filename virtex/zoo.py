@@ -7,8 +7,8 @@ checkpoints``), and checked to be a checkpoint before it takes its final name. N
 downloads. ``VIRTEX_ZOO_URL`` points at a mirror that holds the files as ``NAME.pth``.
 
 :func:`expand_params` is what the CLI calls: a binding ``X=zoo:NAME`` becomes the local
-path, and the spec's model macros (``backbone``, ``visual``, ``textual_size``, ``task``)
-that it defines are bound to the checkpoint's architecture.
+path, and the spec's model macros (``backbone``, ``visual``, ``textual_size``) that it
+defines are bound to the checkpoint's architecture.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import os
 import re
 import urllib.error
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -148,18 +148,19 @@ def zoo_name(param: str) -> tuple[str, str] | None:
 # The spec macros a zoo checkpoint sets, when the spec defines them.
 def _settings(model: ZooModel) -> dict[str, str]:
     settings = {"backbone": f"@backbones.{model.backbone}",
-                "visual": f"@backbones.{model.backbone}()",
-                "task": f"@tasks.{model.task}"}
+                "visual": f"@backbones.{model.backbone}()"}
     if model.textual_size:
         settings["textual_size"] = repr(model.textual_size)
     return settings
 
 
-def expand_params(params: Sequence[str], defines: Callable[[str], bool],
+def expand_params(params: Sequence[str], macros: Mapping[str, str],
                   fetch_file: Callable[[str], Path] = fetch) -> list[str]:
     """``params`` with each ``KEY=zoo:NAME`` replaced by ``KEY='<local file>'`` (fetched now)
-    and, after them, bindings of the model macros the spec ``defines`` (a predicate on a
-    macro name) to the checkpoint's architecture; a binding the user gave wins."""
+    and, after them, bindings of the model macros the spec defines (``macros``: name ->
+    value as gin writes it) to the checkpoint's architecture; a binding the user gave wins.
+    A spec whose ``task`` is another pretraining task than the checkpoint's is an error."""
+    defines = macros.__contains__
     out, extra = [], []
     given = {p.split("=", 1)[0].strip() for p in params if "=" in p}
     for param in params:
@@ -173,6 +174,12 @@ def expand_params(params: Sequence[str], defines: Callable[[str], bool],
             raise UserError(f"{key}=zoo:{name}: a {model.task} model has no textual head, and "
                             "this spec needs one (it binds textual_size); choose a "
                             "captioning model of the zoo (python -m virtex.run --list)")
+        task = macros.get("task")
+        if task is not None and task != f"@tasks.{model.task}" and "task" not in given:
+            raise UserError(f"{key}=zoo:{name} is a tasks.{model.task} model, but this spec "
+                            f"builds {task.lstrip('@')}; bind task=@tasks.{model.task} with "
+                            f"its model spec (specs/models/{model.task}.gin) or choose a "
+                            f"{task.lstrip('@').removeprefix('tasks.')} model of the zoo")
         out.append(f"{key}={str(fetch_file(name))!r}")
         for macro, value in _settings(model).items():
             if macro not in given and defines(macro):

@@ -18,6 +18,7 @@ a module with ``.visual`` whose ``forward(batch)`` returns ``loss``, ``losses`` 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import gin
 import torch
@@ -82,3 +83,8 @@ def bag_of_words_idf(visual: nn.Module = gin.REQUIRED, tokenizer=gin.REQUIRED) -
 @virtex.hookimpl
 def virtex_tasks() -> dict[str, Callable]:
     return {"bag_of_words_idf": bag_of_words_idf}
+
+
+@virtex.hookimpl
+def virtex_spec_dirs() -> list[Path]:
+    return [Path(__file__).parent / "specs"]  # pretrain/bag_of_words_idf_r50
