@@ -52,11 +52,12 @@ def _add_launcher_arguments(parser: argparse.ArgumentParser, name: str, launcher
 def help_text() -> str:
     """``--help``: the CLI's options, then each registered launcher's."""
     registry = get_registry()
-    parser = _parser()
-    parser.conflict_handler = "resolve"  # two launchers may each have, e.g., --wait
+    parts = [_parser().format_help()]
     for name in registry.names("launchers"):
+        parser = argparse.ArgumentParser(usage=argparse.SUPPRESS, add_help=False)
         _add_launcher_arguments(parser, name, registry.get("launchers", name)())
-    return parser.format_help()
+        parts.append(parser.format_help().strip() or f"options of --launcher {name}: none")
+    return "\n\n".join(p.strip("\n") for p in parts) + "\n"
 
 
 def list_components() -> str:
