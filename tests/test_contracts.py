@@ -326,6 +326,11 @@ class OldStyle(Echo):
         return 0
 
 
+class Greedy(Echo):
+    def add_arguments(self, parser):
+        parser.add_argument("--gpus", type=int)
+
+
 @virtex.hookimpl
 def virtex_tasks():
     return {"no_visual": NoVisual, "bad_weight": BadWeight}
@@ -338,7 +343,7 @@ def virtex_datasets():
 
 @virtex.hookimpl
 def virtex_launchers():
-    return {"echo": Echo, "old_style": OldStyle}
+    return {"echo": Echo, "old_style": OldStyle, "greedy": Greedy}
 '''
 
 TRAIN_SPEC = """
@@ -402,6 +407,10 @@ def test_a_launcher_adds_its_options_and_returns_a_launch_result(site, tmp_path)
                                    str(tmp_path / "run"), cwd=tmp_path, pythonpath=[site]))
     assert ("launchers.old_style from plugin 'contract_test': launch(job) returned int 0, "
             "expected a virtex.contracts.LaunchResult") in line
+
+    line = _one_error_line(run_cli(str(spec), "--launcher", "greedy", cwd=tmp_path,
+                                   pythonpath=[site]))
+    assert "launchers.greedy: add_arguments: argument --gpus: conflicting option string" in line
 
 
 def test_launch_result_defaults_to_a_finished_run():
