@@ -39,6 +39,7 @@ from typing import Any
 import submitit
 
 from virtex import io
+from virtex.contracts import Arguments, LaunchResult
 from virtex.errors import UserError
 from virtex.registry import get_registry
 from virtex.runner import Job, load_spec
@@ -352,33 +353,28 @@ class SlurmLauncher:
         self.print_sbatch = False
         self.wait = False
         self.sweeps: list[tuple[str, list[str]]] = []
-        self.finished = False  # read by virtex.run: print the summary only after --wait
 
-    def parse_options(self, argv: list[str]) -> list[str]:
-        """Takes the launcher's own flags from anywhere in the command line; returns the rest."""
-        p = argparse.ArgumentParser(prog="python -m virtex.run SPEC --launcher slurm",
-                                    add_help=False, exit_on_error=False, allow_abbrev=False)
+    def add_arguments(self, parser: Arguments) -> None:
+        """``--slurm_partition`` ... ``--slurm_qos``, ``--sweep``, ``--print_sbatch``, ``--wait``."""
         for name in FLAGS:
-            p.add_argument(f"--slurm_{name}")
-        p.add_argument("--print_sbatch", action="store_true")
-        p.add_argument("--wait", action="store_true")
-        p.add_argument("--sweep", action="append", default=[])
-        try:
-            args, rest = p.parse_known_args(argv)
-        except argparse.ArgumentError as exc:
-            raise UserError(str(exc)) from None
-        unknown = [a for a in rest if a.startswith("--slurm_")]
-        if unknown:
-            at = rest.index(unknown[0])
-            raise UserError(f"unrecognized arguments: {' '.join(rest[at:at + 2])} (the slurm launcher "
-                            f"takes {', '.join('--slurm_' + f for f in FLAGS)}, --sweep, "
-                            "--print_sbatch, --wait)")
-        self.flags = {k: getattr(args, f"slurm_{k}") for k in FLAGS if getattr(args, f"slurm_{k}")}
+            parser.add_argument(f"--slurm_{name}", metavar=name.upper(),
+                                help=f"sbatch --{name}" + (" (SLURM's format, e.g. 72:00:00; "
+                                                          "default 1 hour)" if name == "time" else ""))
+        parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
+                            help="a job array, one task per value (repeatable: every combination)")
+        parser.add_argument("--print_sbatch", action="store_true",
+                            help="print the sbatch script that would be submitted; submit nothing")
+        parser.add_argument("--wait", action="store_true",
+                            help="follow the job's log until it ends, then print the summary")
+
+    def set_options(self, options: argparse.Namespace) -> None:
+        """Takes the values of the options :meth:`add_arguments` added (checked)."""
+        self.flags = {k: getattr(options, f"slurm_{k}") for k in FLAGS
+                      if getattr(options, f"slurm_{k}")}
         if "time" in self.flags:
             parse_time(self.flags["time"])
-        self.print_sbatch, self.wait = args.print_sbatch, args.wait
-        self.sweeps = [parse_sweep(s) for s in args.sweep]
-        return rest
+        self.print_sbatch, self.wait = options.print_sbatch, options.wait
+        self.sweeps = [parse_sweep(s) for s in options.sweep]
 
     def parameters(self, job: Job, settings: dict[str, Any]) -> dict[str, Any]:
         """submitit's ``update_parameters`` for ``job``."""
@@ -400,7 +396,7 @@ class SlurmLauncher:
             params["additional_parameters"] = dict(settings["sbatch"])
         return params
 
-    def launch(self, job: Job) -> int:
+    def launch(self, job: Job) -> LaunchResult:
         settings = {**load_config(), **self.flags}
         params = self.parameters(job, settings)
         members = array_members(job, self.sweeps)
@@ -416,7 +412,7 @@ class SlurmLauncher:
                                       **params), end="")
             for i, m in enumerate(members):
                 print(f"# array task {i}: {' '.join(m.job.params[len(job.params):])} -> {m.job.run_dir}")
-            return 0
+            return LaunchResult(returncode=0, finished=False)
         for program in ("sbatch", "srun", "squeue"):
             if shutil.which(program) is None:
                 raise UserError(f"{program} not found: the slurm launcher runs on a SLURM "
@@ -452,14 +448,14 @@ class SlurmLauncher:
         what = f"job array {job_id} ({len(jobs)} tasks)" if members else f"job {job_id}"
         print(f"submitted SLURM {what}: {params['nodes']} node(s) x {params['ntasks_per_node']} task(s), "
               f"time limit {params['time']} min")
-        print(f"logs: {folder}/{job_id}{'_*' if members else ''}_0_log.{{out,err}}")
+        logs = f"{folder}/{job_id}{'_*' if members else ''}_0_log.{{out,err}}"
+        print(f"logs: {logs}")
         print(f"run directory: {job.run_dir}")
         if not self.wait:
             print(f"state: squeue -j {job_id}")
-            return 0
+            return LaunchResult(returncode=0, finished=False, job_id=job_id, output=logs)
         rc = follow(record, [_log_paths(folder, t["job_id"]) for t in tasks], sweep if members else None)
-        self.finished = True
-        return rc
+        return LaunchResult(returncode=rc, finished=True, job_id=job_id, output=logs)
 
 
 def _validate(members: list[Member]) -> None:

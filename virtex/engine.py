@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from virtex import checkpoint, dist
+from virtex import checkpoint, contracts, dist
 from virtex.checks import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -474,7 +474,7 @@ class Trainer:
 
             bar = tqdm(total=self.max_steps, initial=step, desc="train", dynamic_ncols=True)
         model.train()
-        seen, t0 = 0, time.perf_counter()
+        seen, t0, first = 0, time.perf_counter(), True
         for batch in self._loader(ctx, step):
             mult = self.lr_multiplier(step)
             for group, base in zip(optimizer.param_groups, base_lrs):
@@ -483,6 +483,10 @@ class Trainer:
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
                 out = train_model(batch)
+            if first:  # what the task returns is known only now: checked once
+                contracts.check_task_output(out, contracts.label_of(
+                    model, f"the model being trained ({type(model).__name__})"))
+                first = False
             loss, scaled = _global_mean(out["loss"], out.get("weight"), ctx.world_size)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(scaled).backward()

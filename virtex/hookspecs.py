@@ -11,6 +11,15 @@ function). The runner makes each factory gin-configurable as ``<kind>.<name>``,
 e.g. ``evaluators.voc07_svm``, so specs bind its arguments and reference it as
 ``@evaluators.voc07_svm()``. Built-in components register through exactly this
 mechanism.
+
+What a backbone, task or launcher factory builds is checked against its protocol in
+:mod:`virtex.contracts` (:class:`~virtex.contracts.Backbone`,
+:class:`~virtex.contracts.Task`, :class:`~virtex.contracts.Launcher`) when it is built; a
+mismatch stops the run with one error naming the component and what is missing.
+
+Hooks are called through pluggy: ``@hookimpl(tryfirst=True)`` / ``trylast`` order a plugin's
+registrations (otherwise the last registered plugin comes first), and a hook that raises
+or returns something else than a mapping is one error naming the plugin.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ Factories = Mapping[str, Callable]
 def virtex_backbones() -> Factories:
     """Visual backbones: modules mapping images ``(N,3,H,W)`` to a feature map ``(N,C,h,w)``.
 
-    A backbone should expose ``out_channels`` (C).
+    Contract (checked when built): :class:`virtex.contracts.Backbone`: an ``nn.Module``
+    with ``out_channels`` (C, an int >= 1).
     """
 
 
@@ -43,9 +53,16 @@ def virtex_textual_heads() -> Factories:
 
 @hookspec
 def virtex_tasks() -> Factories:
-    """Pretraining objectives: modules whose ``forward(batch)`` returns ``{"loss", "losses"}``.
+    """Pretraining tasks: the modules the trainer trains.
 
-    A task module holds its visual backbone as ``.visual``.
+    Contract: :class:`virtex.contracts.Task`, checked when built: the task holds its
+    backbone (a :class:`~virtex.contracts.Backbone`) as ``.visual``; one with ``generate``
+    (a captioning model) also has ``tokenizer`` and ``textual``
+    (:class:`~virtex.contracts.CaptioningTask`). Checked at the first training step:
+    ``forward(batch)`` returns ``{"loss": scalar tensor, "losses": {name: scalar tensor},
+    "weight": optional}``, where ``weight`` is how many terms ``loss`` is the mean of on
+    this rank (e.g. caption tokens): under DDP the trainer weights each rank's loss by it,
+    so that the gradient is the one of the mean over the global batch.
     """
 
 
@@ -70,10 +87,13 @@ def virtex_evaluators() -> Factories:
 
 @hookspec
 def virtex_launchers() -> Factories:
-    """Launchers: factories of objects with ``launch(job) -> int`` (see ``virtex.runner.Job``).
+    """Launchers: factories of :class:`virtex.contracts.Launcher` objects (checked when built).
 
-    A launcher with command-line flags of its own also has ``parse_options(argv) -> list``:
-    it takes its flags from anywhere in ``argv`` and returns the other arguments.
+    ``python -m virtex.run --launcher NAME`` builds one, calls ``add_arguments(parser)`` (its
+    own command-line options; ``--help`` lists every launcher's), ``set_options(options)``
+    with the parsed command line, then ``launch(job)`` (a :class:`virtex.runner.Job`), which
+    returns a :class:`virtex.contracts.LaunchResult`: the return code and whether the run
+    finished (its summary is then printed) or was only submitted.
     """
 
 

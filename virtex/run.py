@@ -10,6 +10,7 @@ from pathlib import Path
 import gin
 
 from virtex.config import available_specs
+from virtex.contracts import Launcher, check_launch_result, label_of
 from virtex.errors import UserError, one_line
 from virtex.registry import KINDS, get_registry
 
@@ -20,8 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m virtex.run",
         description="Run a virtex spec (a gin file, or a spec name from a plugin's spec dir).",
+        add_help=False,  # --help lists every launcher's options too: main() prints it
     )
     p.add_argument("spec", nargs="?", help="spec path or name, e.g. specs/quickstart.gin")
+    p.add_argument("-h", "--help", action="store_true", help="show this help and exit")
     p.add_argument("--gin_param", action="append", default=[], metavar="NAME=VALUE",
                    help="bind a value (repeatable); a bare path or word is taken as a string")
     p.add_argument("--run_dir", help="run directory (default runs/<spec>/<config hash>)")
@@ -36,6 +39,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _add_launcher_arguments(parser: argparse.ArgumentParser, name: str, launcher: Launcher) -> None:
+    group = parser.add_argument_group(f"options of --launcher {name}")
+    try:
+        launcher.add_arguments(group)
+    except argparse.ArgumentError as exc:
+        raise UserError(f"launchers.{name}: add_arguments: {exc}") from None
+
+
+def help_text() -> str:
+    """``--help``: the CLI's options, then each registered launcher's."""
+    registry = get_registry()
+    parts = [_parser().format_help()]
+    for name in registry.names("launchers"):
+        parser = argparse.ArgumentParser(usage=argparse.SUPPRESS, add_help=False)
+        _add_launcher_arguments(parser, name, registry.get("launchers", name)())
+        parts.append(parser.format_help().strip() or f"options of --launcher {name}: none")
+    return "\n\n".join(p.strip("\n") for p in parts) + "\n"
 
 
 def list_components() -> str:
@@ -57,25 +79,24 @@ def list_components() -> str:
     return "\n".join(lines)
 
 
-def _launcher_name(argv: list[str]) -> str:
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    p.add_argument("--launcher", default=DEFAULT_LAUNCHER)
-    return p.parse_known_args(argv)[0].launcher
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         registry = get_registry()
-        # The launcher takes its own flags first (wherever they are), so that a flag's value
-        # is never mistaken for the spec; a launcher without flags has no parse_options.
-        launcher = None
-        if "--list" not in argv:
-            launcher = registry.get("launchers", _launcher_name(argv))()
-        options = getattr(launcher, "parse_options", None)
-        args, extra = _parser().parse_known_args(options(argv) if options else argv)
+        # which launcher (its options are not known yet), then the whole command line with
+        # them: a launcher option's value is never mistaken for the spec, wherever it is
+        first = _parser().parse_known_args(argv)[0]
+        if first.help:
+            print(help_text(), end="")
+            return 0
+        parser, launcher = _parser(), None
+        if not first.list:
+            launcher = registry.get("launchers", first.launcher)()
+            _add_launcher_arguments(parser, first.launcher, launcher)
+        args, extra = parser.parse_known_args(argv)
         if extra:
-            raise UserError(f"unrecognized arguments: {' '.join(extra)}")
+            raise UserError(f"unrecognized arguments: {' '.join(extra)} (python -m virtex.run "
+                            "--help lists every option, by launcher)")
         if args.list:
             print(list_components())
             return 0
@@ -84,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag, value in (("--gpus", args.gpus), ("--nodes", args.nodes)):
             if value is not None and value < 1:
                 raise UserError(f"{flag} {value}: expected a number >= 1")
+        launcher.set_options(args)
         from virtex.runner import check_config, prepare
 
         job = prepare(args.spec, args.gin_param, args.run_dir, args.gpus, args.nodes, args.seed, argv)
@@ -95,13 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if any(Path(job.run_dir).rglob("step_*.pt")):
                 raise UserError(f"{job.run_dir} already has checkpoints and --no-resume was given: "
                                 "choose another --run_dir")
-        rc = launcher.launch(job)
+        label = label_of(launcher, f"launchers.{args.launcher}")
+        result = check_launch_result(launcher.launch(job), label)
         summary = Path(job.run_dir) / "summary.md"
-        # a launcher that only submitted the run (or printed a script) sets finished = False
-        if rc == 0 and summary.is_file() and getattr(launcher, "finished", True):
+        # a launcher that only submitted the run (or printed a script) has no summary to show
+        if result.returncode == 0 and result.finished and summary.is_file():
             print(summary.read_text(), end="")
             print(f"run directory: {job.run_dir}")
-        return rc
+        return result.returncode
     except UserError as exc:
         print(f"virtex: error: {one_line(exc)}", file=sys.stderr)
         return 2

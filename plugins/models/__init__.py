@@ -108,9 +108,13 @@ def masked_lm(visual: nn.Module = gin.REQUIRED, textual: Callable = gin.REQUIRED
     return model
 
 
+# made once: each call of the hook returns the same factories (gin registers each once)
+_BACKBONES = {name: _resnet(name) for name in RESNETS}
+
+
 @hookimpl
 def virtex_backbones() -> dict[str, Callable]:
-    return {name: _resnet(name) for name in RESNETS}
+    return dict(_BACKBONES)
 
 
 @hookimpl
