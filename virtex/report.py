@@ -48,7 +48,7 @@ def _runs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (len(p.parts), str(p)))
 
 
-_BINDING = {"task": re.compile(r"^experiment\.task = @tasks\.(\w+)", re.M),
+_BINDING = {"task": re.compile(r"^(?:experiment\.)?task = @tasks\.(\w+)", re.M),
             "backbone": re.compile(r"^visual = @backbones\.(\w+)\(\)", re.M),
             "textual_size": re.compile(r"^textual_size = '([\w]+)'", re.M)}
 
