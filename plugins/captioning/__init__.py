@@ -8,6 +8,10 @@
 
 The latter two caption with the run's pretrained model, or build ``model`` (a task factory
 such as ``@tasks.bicaptioning``) and load the run's checkpoint (``experiment.ckpt``) into it.
+
+This plugin's own modules: ``captioner`` (batched captioning of image files),
+``caption_model`` (which model to caption with; checkpoint loading), ``caption_metrics``
+(pycocoevalcap scoring) and ``gallery`` (the HTML page).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""PASCAL VOC2007 linear-SVM classification: the paper's main representation benchmark."""
+"""PASCAL VOC2007 linear-SVM classification: the paper's main representation benchmark.
+
+The batched SVM solver is this plugin's ``svm`` module."""
 
 from __future__ import annotations
 
