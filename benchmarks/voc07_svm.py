@@ -9,7 +9,7 @@ classes with VOC07 trainval's positive counts, about 10% of positives marked dif
 reference is the protocol as published (per class: ``LinearSVC`` per cost, 3-fold
 ``cross_val_score`` average precision, refit with the best cost, ``average_precision_score``
 on test), one class after another like the original script, or over ``--reference_jobs``
-processes. Ours is ``virtex.evaluation.svm.voc07_svm_map`` on ``--device`` (timed after one
+processes. Ours is ``virtex.plugins.voc07.svm.voc07_svm_map`` on ``--device`` (timed after one
 small warm-up call that initialises the device's libraries). ``--quick`` shrinks the problem
 (1500 / 1500 images, 512-d). Prints a markdown table and how far the two agree.
 
@@ -36,8 +36,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import timed  # noqa: E402
-
-from virtex.evaluation.svm import fast_bf16, voc07_svm_map  # noqa: E402
+from virtex.plugins.voc07.svm import fast_bf16, voc07_svm_map  # noqa: E402
 
 COSTS = (0.01, 0.1, 1.0, 10.0)
 # Positive images per class in VOC2007 trainval (aeroplane ... tvmonitor), out of 5011.

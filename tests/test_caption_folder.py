@@ -15,8 +15,8 @@ import pytest
 import torch
 from cli import REPO
 from PIL import Image
+from virtex.plugins.captioning.gallery import render_gallery
 
-from virtex.evaluation.gallery import render_gallery
 from virtex.models.decoding import beam_search_all
 from virtex.models.visual import ResNetBackbone
 from virtex.run import main

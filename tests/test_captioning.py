@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from cli import REPO, tiny_pretrain
+from virtex.plugins.captioning import caption_metrics
+from virtex.plugins.captioning.caption_metrics import score_captions
+from virtex.plugins.captioning.caption_model import load_captioning_checkpoint
 
 from virtex.data.readers import read_coco_captions
 from virtex.data.transforms import eval_transform, load_image
 from virtex.errors import UserError
-from virtex.evaluation import caption_metrics
-from virtex.evaluation.caption_metrics import score_captions
-from virtex.evaluation.caption_model import load_captioning_checkpoint
 from virtex.models.visual import ResNetBackbone
 from virtex.run import main
 

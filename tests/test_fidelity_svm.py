@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 from fidelity import FIDELITY, needs_fidelity
-
-from virtex.evaluation.svm import voc07_svm_map
+from virtex.plugins.voc07.svm import voc07_svm_map
 
 pytestmark = needs_fidelity
 

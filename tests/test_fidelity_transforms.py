@@ -128,7 +128,7 @@ def spec_objects():
 
 def test_paper_specs_use_the_original_transforms(spec_objects) -> None:
     """The evaluation images of the paper specs are the original's, pixel for pixel."""
-    from virtex.evaluation.captioner import _ImageFiles
+    from virtex.plugins.captioning.captioner import _ImageFiles
 
     photo = DIR / _meta()["grace_hopper"]["file"]
     voc = spec_objects("downstream/voc07", "evaluators", "voc07_svm",

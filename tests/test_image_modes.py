@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from virtex.plugins.captioning.captioner import _ImageFiles
 
 from virtex.data import transforms as T
 from virtex.data.readers import DataFormatError
-from virtex.evaluation.captioner import _ImageFiles
 from virtex.evaluation.features import _Images
 
 pytestmark = pytest.mark.usefixtures("one_thread")

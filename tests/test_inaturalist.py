@@ -12,8 +12,9 @@ import torch
 from cli import run_cli
 from virtex.plugins.classification import FineTune, INaturalist
 
-from virtex.context import Context, RunLogger
+from virtex.context import RunLogger
 from virtex.engine import Trainer
+from virtex.evaluation.api import EvalRequest
 from virtex.models.visual import ResNetBackbone
 from virtex.run import main
 from virtex.runner import prepare
@@ -80,20 +81,24 @@ def test_learning_rate_drops_at_milestone_epochs_with_bf16_autocast(shapes_root,
     assert "inat/trainer.amp = 'bf16'" in (run / "operative_config.gin").read_text()
 
 
-def test_evaluator_leaves_the_context_backbone_and_step_alone(shapes_root, tmp_path):
+def test_evaluator_leaves_the_request_backbone_alone(shapes_root, tmp_path):
     gin.clear_config()
     trainer = functools.partial(Trainer, lr=0.025, backbone_lr=None, warmup_steps=0,
                                 schedule="multistep", lookahead=False, num_workers=0,
                                 cpu_threads=1, log_every=1)
-    ctx = Context(run_dir=tmp_path, device=torch.device("cpu"), logger=RunLogger(tmp_path),
-                  backbone=ResNetBackbone("resnet18"), step=42)
-    before = {k: v.clone() for k, v in ctx.backbone.state_dict().items()}
-    metrics = INaturalist(str(shapes_root / "inat2018"), trainer, epochs=1, batch_size=16,
-                          image_size=32, eval_batch_size=8, num_workers=0)(ctx)
-    assert set(metrics) == {"inat/top1", "inat/top5", "inat/mean_class_top1"}
-    assert ctx.step == 42
-    assert all(torch.equal(before[k], v) for k, v in ctx.backbone.state_dict().items())
-    assert ctx.backbone.cnn.conv1.weight.requires_grad
+    request = EvalRequest(backbone=ResNetBackbone("resnet18"), device=torch.device("cpu"),
+                          run_dir=tmp_path, logger=RunLogger(tmp_path), step=42)
+    before = {k: v.clone() for k, v in request.backbone.state_dict().items()}
+    result = INaturalist(str(shapes_root / "inat2018"), trainer, epochs=1, batch_size=16,
+                         image_size=32, eval_batch_size=8, num_workers=0)(request)
+    assert set(result.metrics) == {"inat/top1", "inat/top5", "inat/mean_class_top1"}
+    assert result.files == [tmp_path / "inat_per_class.json"]
+    assert request.step == 42
+    assert all(torch.equal(before[k], v) for k, v in request.backbone.state_dict().items())
+    assert request.backbone.cnn.conv1.weight.requires_grad
+    # the trainer counted its own steps (3 of 16 images), logged at those steps
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "loss/total" in row] == [1, 2, 3]
 
 
 def test_every_parameter_is_decayed_and_the_classifier_is_normal_init(tmp_path):

@@ -11,10 +11,11 @@ from cli import run_cli
 from virtex.plugins import classification
 
 from virtex import engine
-from virtex.context import Context, RunLogger
+from virtex.context import RunLogger
 from virtex.data.datasets import ImageClassificationDataset
 from virtex.data.readers import read_image_folder
 from virtex.data.transforms import eval_transform
+from virtex.evaluation.api import EvalRequest
 from virtex.models.visual import ResNetBackbone
 from virtex.run import main
 
@@ -110,8 +111,9 @@ def test_class_counts_match_a_per_image_reference(shapes_root, tmp_path):
     model = classification.LinearProbe(ResNetBackbone("resnet18"), len(classes),
                                        head="bn_linear")
     model.bn.running_mean.normal_()
-    ctx = Context(run_dir=tmp_path, device=torch.device("cpu"), logger=RunLogger(tmp_path))
-    counts = classification.class_counts(model, dataset, len(classes), ctx, batch_size=5,
+    request = EvalRequest(backbone=model.visual, device=torch.device("cpu"), run_dir=tmp_path,
+                          logger=RunLogger(tmp_path))
+    counts = classification.class_counts(model, dataset, len(classes), request, batch_size=5,
                                          num_workers=0)
     expected = torch.zeros(3, len(classes), dtype=torch.float64)
     model.eval()

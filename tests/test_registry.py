@@ -12,9 +12,11 @@ from virtex.registry import KINDS, get_registry
 EVALUATOR = '''
 import virtex
 
+from virtex.evaluation.api import EvalResult
+
 class Zero:
-    def __call__(self, ctx):
-        return {"zero": 0.0}
+    def __call__(self, request):
+        return EvalResult({"zero": 0.0})
 
 @virtex.hookimpl
 def virtex_evaluators():

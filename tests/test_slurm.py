@@ -23,14 +23,16 @@ from virtex.run import main
 # a test-only plugin: an evaluator whose metric is known from the checkpoint it evaluates
 NORM_PLUGIN = '''
 import virtex
+from virtex.evaluation.api import EvalResult
 
 class WeightNorm:
     def __init__(self, scale: float = 1.0):
         self.scale = scale
 
-    def __call__(self, ctx):
-        total = sum(float(p.detach().double().pow(2).sum()) for p in ctx.backbone.parameters())
-        return {"weights/l2": total * self.scale}
+    def __call__(self, request):
+        total = sum(float(p.detach().double().pow(2).sum())
+                    for p in request.backbone.parameters())
+        return EvalResult({"weights/l2": total * self.scale})
 
 @virtex.hookimpl
 def virtex_evaluators():

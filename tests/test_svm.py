@@ -1,4 +1,4 @@
-"""The batched VOC07 linear-SVM protocol (virtex.evaluation.svm) against scikit-learn."""
+"""The batched VOC07 linear-SVM protocol (virtex.plugins.voc07.svm) against scikit-learn."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
-from virtex.evaluation.svm import (
+from virtex.plugins.voc07.svm import (
     average_precision,
     fast_bf16,
     fit_linear_svms,

@@ -10,10 +10,11 @@ import pytest
 import torch
 from virtex.plugins.voc07 import VOC07SVM
 
-from virtex.context import Context, RunLogger
+from virtex.context import RunLogger
 from virtex.data.readers import read_voc_classification
 from virtex.data.transforms import eval_transform, load_image
 from virtex.evaluation import features
+from virtex.evaluation.api import EvalRequest, EvalResult
 from virtex.models.visual import ResNetBackbone
 from virtex.run import main
 
@@ -29,9 +30,9 @@ def _counted(backbone: torch.nn.Module) -> list[int]:
     return calls
 
 
-def _ctx(tmp_path, backbone) -> Context:
-    return Context(run_dir=tmp_path, device=torch.device("cpu"), logger=RunLogger(tmp_path),
-                   backbone=backbone)
+def _ctx(tmp_path, backbone) -> EvalRequest:
+    return EvalRequest(backbone=backbone, device=torch.device("cpu"), run_dir=tmp_path,
+                       logger=RunLogger(tmp_path), step=7)
 
 
 def test_second_run_reads_the_cache_and_never_calls_the_backbone(shapes_root, tmp_path):
@@ -39,10 +40,12 @@ def test_second_run_reads_the_cache_and_never_calls_the_backbone(shapes_root, tm
     backbone = ResNetBackbone("resnet18")
     calls = _counted(backbone)
     evaluator = VOC07SVM(str(shapes_root / "VOC2007"), image_size=32, num_workers=0)
-    first = evaluator(_ctx(tmp_path, backbone))
+    result = evaluator(_ctx(tmp_path, backbone))
+    assert isinstance(result, EvalResult) and result.files == [tmp_path / "voc07_svm.json"]
+    first = result.metrics
     assert sum(calls) == 60  # 48 trainval + 12 test images, once each
     calls.clear()
-    second = evaluator(_ctx(tmp_path, backbone))
+    second = evaluator(_ctx(tmp_path, backbone)).metrics
     assert calls == [] and second == first
     assert set(first) == {"voc07/mAP"} | {f"voc07/AP/{c}" for c in
                                           read_voc_classification(shapes_root / "VOC2007")[2]}
@@ -50,6 +53,7 @@ def test_second_run_reads_the_cache_and_never_calls_the_backbone(shapes_root, tm
     assert len(aps) == 20 and first["voc07/mAP"] == pytest.approx(sum(aps) / 20)
     detail = json.loads((tmp_path / "voc07_svm.json").read_text())
     assert [c["ap"] for c in detail["classes"]] == aps
+    assert detail["step"] == 7 and detail["checkpoint"] is None
     assert {c["cost"] for c in detail["classes"]} <= {0.01, 0.1, 1.0, 10.0}
 
 
@@ -125,7 +129,7 @@ def test_spec_runs_with_each_weight_init(weight_init, shapes_root, tmp_path):
         backbone.cnn.load_state_dict(cnn)
         direct = VOC07SVM(str(shapes_root / "VOC2007"), image_size=32, resize=37,
                           num_workers=0)(
-            _ctx(tmp_path, backbone))
+            _ctx(tmp_path, backbone)).metrics
         assert direct["voc07/mAP"] == pytest.approx(metrics["voc07/mAP"], abs=1e-9)
 
 

@@ -1,12 +1,13 @@
-"""What the runner hands to evaluators and the trainer."""
+"""What the runner hands to the trainer: where the run lives, its process, its logger.
+
+Evaluators get a :class:`virtex.evaluation.api.EvalRequest` instead."""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -81,19 +82,15 @@ class RunLogger:
 
 @dataclass
 class Context:
-    """The evaluator contract: ``evaluator(ctx) -> dict[str, float]``."""
+    """What :meth:`virtex.engine.Trainer.fit` reads, and ``step``, the step it trained to."""
 
     run_dir: Path
     device: torch.device
     logger: RunLogger
-    backbone: torch.nn.Module | None = None
     rank: int = 0
     world_size: int = 1
     seed: int = 0
     step: int = 0
-    ckpt: Path | None = None
-    model: torch.nn.Module | None = None  # the pretraining task model, when there is one
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.logger.log(metrics, self.step if step is None else step)

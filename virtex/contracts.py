@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from virtex.errors import UserError
+from virtex.evaluation.api import Evaluator
 
 if TYPE_CHECKING:
     import torch
@@ -126,11 +127,11 @@ class Launcher(Protocol):
         ...
 
 
-# kind -> the protocol what its factories build must fit. A kind not listed is unchecked:
-# ``evaluators`` gets virtex.evaluation.api.Evaluator once that module exists.
+# kind -> the protocol what its factories build must fit. A kind not listed is unchecked.
 CONTRACTS: dict[str, type] = {
     "backbones": Backbone,
     "tasks": Task,
+    "evaluators": Evaluator,
     "launchers": Launcher,
 }
 

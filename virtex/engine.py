@@ -36,7 +36,7 @@ from virtex.checks import (
 from virtex.context import Context
 from virtex.data.loader import data_loader
 from virtex.errors import UserError
-from virtex.evaluation.caption_model import is_captioning_model
+from virtex.evaluation.api import inference, is_captioning_model
 
 
 class Preempted(Exception):
@@ -383,7 +383,6 @@ class Trainer:
             prefetch_factor=4 if workers > 0 else None,
         )
 
-    @torch.no_grad()
     def _log_samples(self, model: nn.Module, ctx: Context, step: int) -> None:
         """Caption fixed images to tensorboard (beam search: no RNG is drawn)."""
         if self.sample_dataset is None or not is_captioning_model(model):
@@ -391,11 +390,8 @@ class Trainer:
         items = [SampleSeeded(self.sample_dataset)[(i, i)]
                  for i in range(min(self.num_samples, len(self.sample_dataset)))]
         images = torch.stack([item["image"] for item in items]).to(ctx.device)
-        model.eval()
-        try:
+        with inference(model):
             tokens = model.generate(images, method="beam", beam_size=5, decoder="paper")
-        finally:
-            model.train()
         lines = [f"{int(item.get('image_id', i))}: {model.tokenizer.decode(t)}"
                  for i, (item, t) in enumerate(zip(items, tokens))]
         ctx.logger.text(f"{self.log_prefix}captions/samples", "  \n".join(lines), step)

@@ -78,10 +78,12 @@ def virtex_transforms() -> Factories:
 
 @hookspec
 def virtex_evaluators() -> Factories:
-    """Evaluators: ``evaluator(ctx) -> dict[str, float]``.
+    """Evaluators: ``evaluator(request) -> EvalResult`` (:class:`virtex.evaluation.api.Evaluator`).
 
-    ``ctx`` is a :class:`virtex.context.Context` carrying ``backbone``, ``device``,
-    ``run_dir``, ``log(metrics, step)``, ``rank`` and ``world_size``.
+    ``request`` is an immutable :class:`virtex.evaluation.api.EvalRequest` (backbone, model,
+    ckpt, step, device, rank, world_size, in_sweep, run_dir, seed; ``log``/``info``); the
+    result (:class:`~virtex.evaluation.api.EvalResult`) holds the metrics, summary lines and
+    files written. Checked when built: what the factory builds must be callable.
     """
 
 

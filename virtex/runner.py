@@ -31,6 +31,7 @@ from virtex import dist, io, lock, zoo
 from virtex.config import defined_macros, parse_spec, resolve_spec, spec_name
 from virtex.context import Context, RunLogger
 from virtex.errors import UserError
+from virtex.evaluation.api import EvalRequest, EvalResult
 from virtex.registry import Registry, get_registry
 from virtex.weights import load_backbone_weights
 
@@ -166,7 +167,7 @@ def run_job(job: Job, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                       world_size=world_size, seed=job.seed)
         logger.info(f"run {job.spec_name} in {run_dir} on {device} ({world_size} process(es))")
         try:
-            metrics = experiment(ctx)
+            outcome = experiment(ctx)
         except RuntimeError as exc:
             if "Required bindings" in str(exc):
                 raise UserError(str(exc).splitlines()[0]) from None
@@ -175,30 +176,49 @@ def run_job(job: Job, rank: int = 0, world_size: int = 1, local_rank: int = 0,
             if rank == 0:
                 io.write_text(run_dir / "operative_config.gin", gin.operative_config_str())
             logger.close()
+        metrics, extra = outcome.metrics, outcome.summary
         if rank == 0:
             io.write_json(run_dir / "metrics.json", metrics)
             summary = format_table(metrics)
-            extra = ctx.extras.get("summary", [])
             io.write_text(run_dir / "summary.md", summary + ("\n\n" + "\n".join(extra) if extra else "") + "\n")
         return metrics
     finally:
         dist.shutdown()
 
 
-def _evaluate(evaluators: Sequence[Callable], ctx: Context, prefix: str = "") -> dict[str, float]:
-    metrics: dict[str, float] = {}
+def _request(ctx: Context, backbone: torch.nn.Module, model: torch.nn.Module | None = None,
+             ckpt: Path | None = None, step: int | None = None,
+             in_sweep: bool = False) -> EvalRequest:
+    """The request of one evaluation in this process (``step``: default the run's)."""
+    return EvalRequest(backbone=backbone, device=ctx.device, run_dir=ctx.run_dir,
+                       logger=ctx.logger, model=model, ckpt=ckpt,
+                       step=ctx.step if step is None else step, rank=ctx.rank,
+                       world_size=ctx.world_size, seed=ctx.seed, in_sweep=in_sweep)
+
+
+def _evaluate(evaluators: Sequence[Callable], request: EvalRequest,
+              prefix: str = "") -> EvalResult:
+    """Run each evaluator on ``request``: their metrics (a name two evaluators share gets
+    the evaluator's class name), summary lines and files, in order."""
+    total = EvalResult()
     for evaluator in evaluators:
         name = type(evaluator).__name__
-        ctx.info(f"evaluating {prefix or ''}{name}")
-        result = evaluator(ctx)
-        if not isinstance(result, dict):
-            raise UserError(f"evaluator {name} returned {type(result).__name__}, expected a dict of metrics")
-        for key, value in result.items():
+        request.info(f"evaluating {prefix}{name}")
+        result = evaluator(request)
+        if not isinstance(result, EvalResult) or not isinstance(result.metrics, dict):
+            what = type(result).__name__ if not isinstance(result, EvalResult) else \
+                f"an EvalResult whose metrics are a {type(result.metrics).__name__}"
+            raise UserError(f"evaluator {name} returned {what}: expected a "
+                            "virtex.evaluation.api.EvalResult (metrics: a dict of name -> "
+                            "number; summary lines; files written)")
+        for key, value in result.metrics.items():
             full = f"{prefix}{key}"
-            if full in metrics:
+            if full in total.metrics:
                 full = f"{prefix}{name}/{key}"
-            metrics[full] = float(value)
-    return metrics
+            total.metrics[full] = float(value)
+        total.summary += result.summary
+        total.files += result.files
+    return total
 
 
 def _read_sweep(path: Path) -> list[dict[str, str]]:
@@ -220,9 +240,10 @@ def _write_sweep(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def sweep(ctx: Context, directory: Path, backbone: Callable[[], torch.nn.Module],
-          evaluators: Sequence[Callable], weight_init: str) -> dict[str, float]:
+          evaluators: Sequence[Callable], weight_init: str) -> EvalResult:
     """Evaluate every checkpoint in ``directory`` (skipping those already in ``sweep.csv``);
-    metrics against step go to tensorboard and ``sweep.csv``: the curve the paper plots."""
+    metrics against step go to tensorboard and ``sweep.csv``: the curve the paper plots.
+    Returns the latest checkpoint's result."""
     from virtex.checkpoint import list_checkpoints, step_of
 
     paths = list_checkpoints(directory)
@@ -231,24 +252,24 @@ def sweep(ctx: Context, directory: Path, backbone: Callable[[], torch.nn.Module]
     csv_path = ctx.run_dir / "sweep.csv"
     rows = _read_sweep(csv_path)
     done = {int(r["step"]) for r in rows}
-    latest: dict[str, float] = {}
+    latest = EvalResult()
     for path in paths:
         step = step_of(path) or 0
         if step in done:
             ctx.info(f"sweep: step {step} already evaluated, skipped")
             continue
-        ctx.backbone = backbone()
-        load_backbone_weights(ctx.backbone, path, weight_init)
-        ctx.backbone.to(ctx.device)
-        ctx.ckpt, ctx.step = path, step
-        latest = _evaluate(evaluators, ctx)
-        ctx.log(latest, step)
+        net = backbone()
+        load_backbone_weights(net, path, weight_init)
+        latest = _evaluate(evaluators, _request(ctx, net.to(ctx.device), ckpt=path, step=step,
+                                                in_sweep=True))
+        ctx.log(latest.metrics, step)
         if ctx.rank == 0:
-            rows.append({"step": step, "checkpoint": str(path), **latest})
+            rows.append({"step": step, "checkpoint": str(path), **latest.metrics})
             rows.sort(key=lambda r: int(r["step"]))
             _write_sweep(csv_path, rows)
-    if not latest and rows:
-        latest = {k: float(v) for k, v in rows[-1].items() if k not in ("step", "checkpoint")}
+    if not latest.metrics and rows:
+        latest = EvalResult({k: float(v) for k, v in rows[-1].items()
+                             if k not in ("step", "checkpoint")})
     return latest
 
 
@@ -262,45 +283,49 @@ def experiment(
     ckpt: str | None = None,
     weight_init: str = "virtex",
     compare_random_init: bool = False,
-) -> dict[str, float]:
+) -> EvalResult:
     """Pretrain ``task`` with ``trainer`` (if given), then run ``evaluators`` on the backbone.
 
     Without a task, the backbone comes from ``backbone()`` initialised from ``ckpt``
     as ``weight_init`` says; a directory ``ckpt`` evaluates every checkpoint in it.
     ``compare_random_init`` also runs the evaluators on a randomly initialised
-    backbone (metrics prefixed ``random_init/``).
+    backbone (metrics prefixed ``random_init/``). Returns every metric and summary line.
     """
-    metrics: dict[str, float] = {}
+    outcome = EvalResult()
+    model, net, path = None, None, None
     if task is not None:
         if trainer is None:
             raise UserError("experiment.task is set but experiment.trainer is not")
-        model = task()
         start = time.perf_counter()
-        model = trainer.fit(model, ctx)
-        metrics["train/seconds"] = time.perf_counter() - start
-        ctx.model, ctx.backbone = model, model.visual
+        model = trainer.fit(task(), ctx)
+        outcome.metrics["train/seconds"] = time.perf_counter() - start
+        net = model.visual
     elif backbone is not None and ckpt is not None and Path(ckpt).is_dir():
-        metrics.update(sweep(ctx, Path(ckpt), backbone, evaluators, weight_init))
+        outcome = sweep(ctx, Path(ckpt), backbone, evaluators, weight_init)
         evaluators = ()
     elif backbone is not None:
-        ctx.backbone = backbone()
-        load_backbone_weights(ctx.backbone, ckpt, weight_init)
-        ctx.ckpt = Path(ckpt) if ckpt is not None else None
+        net = backbone()
+        load_backbone_weights(net, ckpt, weight_init)
+        path = Path(ckpt) if ckpt is not None else None
     elif evaluators:
         raise UserError("experiment.evaluators need experiment.backbone or experiment.task")
     else:
         raise UserError("experiment runs nothing: bind experiment.task (pretraining) or "
                         "experiment.evaluators")
-    if ctx.backbone is not None:
-        ctx.backbone.to(ctx.device)
-    metrics.update(_evaluate(evaluators, ctx))
+    if net is not None:
+        net.to(ctx.device)
+    results = []
+    if evaluators:
+        results.append(_evaluate(evaluators, _request(ctx, net, model, path)))
     if compare_random_init and backbone is not None and evaluators:
-        trained, model = ctx.backbone, ctx.model
         _seed_everything(ctx.seed + 1)
-        ctx.backbone, ctx.model = backbone().to(ctx.device), None
-        metrics.update(_evaluate(evaluators, ctx, prefix="random_init/"))
-        ctx.backbone, ctx.model = trained, model
-    return metrics
+        results.append(_evaluate(evaluators, _request(ctx, backbone().to(ctx.device)),
+                                 prefix="random_init/"))
+    for result in results:
+        outcome.metrics.update(result.metrics)
+        outcome.summary += result.summary
+        outcome.files += result.files
+    return outcome
 
 
 def format_table(metrics: dict[str, float]) -> str:

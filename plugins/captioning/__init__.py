@@ -8,6 +8,10 @@
 
 The latter two caption with the run's pretrained model, or build ``model`` (a task factory
 such as ``@tasks.bicaptioning``) and load the run's checkpoint (``experiment.ckpt``) into it.
+
+This plugin's own modules: ``captioner`` (batched captioning of image files),
+``caption_model`` (which model to caption with; checkpoint loading), ``caption_metrics``
+(pycocoevalcap scoring) and ``gallery`` (the HTML page).
 """
 
 from __future__ import annotations
@@ -20,18 +24,25 @@ from pathlib import Path
 
 import torch
 
-from virtex import hookimpl
-from virtex.checkpoint import step_of
-from virtex.context import Context
+from virtex import dist, hookimpl
 from virtex.data.readers import read_coco_captions
 from virtex.data.transforms import check_resize_mode, eval_transform, load_image
 from virtex.errors import UserError
-from virtex.evaluation import caption_metrics
-from virtex.evaluation.caption_model import ModelSource, is_captioning_model
-from virtex.evaluation.captioner import caption_files, gather, list_images, shard
-from virtex.evaluation.gallery import render_gallery
+from virtex.evaluation.api import (
+    EvalRequest,
+    EvalResult,
+    gather,
+    inference,
+    is_captioning_model,
+    shard,
+)
 from virtex.io import write_json, write_text
 from virtex.models.decoding import DECODERS, METHODS, PAPER_METHODS
+
+from . import caption_metrics
+from .caption_model import ModelSource
+from .captioner import caption_files, list_images
+from .gallery import render_gallery
 
 _WORD = re.compile(r"[a-z]+")
 
@@ -60,19 +71,17 @@ class CaptionSamples:
         self.resize = image_size if resize is None else resize
         self.resize_mode = check_resize_mode(resize_mode, "evaluators.caption_samples.resize_mode")
 
-    @torch.no_grad()
-    def __call__(self, ctx: Context) -> dict[str, float]:
-        model = ctx.model
+    def __call__(self, request: EvalRequest) -> EvalResult:
+        model = request.model
         if model is None or not is_captioning_model(model):
-            return {}
+            return EvalResult()
         records = read_coco_captions(self.root, self.split)[: self.num_images]
         transform = eval_transform(self.resize, self.image_size, self.resize_mode)
         images = torch.stack([transform({"image": load_image(r.path)})["image"] for r in records])
-        was_training = model.training
-        model.eval()
-        tokens = model.generate(images.to(ctx.device), method="beam", beam_size=self.beam_size,
-                                max_length=self.max_length, decoder=self.decoder)
-        model.train(was_training)
+        with inference(model):
+            tokens = model.generate(images.to(request.device), method="beam",
+                                    beam_size=self.beam_size, max_length=self.max_length,
+                                    decoder=self.decoder)
         rows, hits, total = [], 0, 0
         for record, ids in zip(records, tokens):
             caption = model.tokenizer.decode(ids)
@@ -82,14 +91,17 @@ class CaptionSamples:
             total += len(words)
             rows.append({"image_id": record.image_id, "file": str(record.path),
                          "caption": caption, "references": record.captions})
-        if ctx.rank == 0:
-            write_json(ctx.run_dir / "caption_samples.json", rows)
-            summary = ctx.extras.setdefault("summary", [])
-            summary.append("Example captions (beam search):")
-            summary += [f"  {r['file'].rsplit('/', 1)[-1]}: {r['caption']}" for r in rows[: self.show]]
+        result = EvalResult({"captions/word_precision": 100.0 * hits / max(1, total)})
+        if request.rank == 0:
+            path = request.run_dir / "caption_samples.json"
+            write_json(path, rows)
+            result.files.append(path)
+            result.summary.append("Example captions (beam search):")
+            result.summary += [f"  {r['file'].rsplit('/', 1)[-1]}: {r['caption']}"
+                               for r in rows[: self.show]]
             for r in rows[: self.show]:
-                ctx.logger.text("captions/samples", f"{r['image_id']}: {r['caption']}", ctx.step)
-        return {"captions/word_precision": 100.0 * hits / max(1, total)}
+                request.text("captions/samples", f"{r['image_id']}: {r['caption']}")
+        return result
 
 
 def _decoding(evaluator: str, method: str, beam_size: int, max_length: int, decoder: str,
@@ -110,11 +122,6 @@ def _decoding(evaluator: str, method: str, beam_size: int, max_length: int, deco
                         f"(got {beam_size}, {max_length})")
     return {"method": method, "beam_size": beam_size, "max_length": max_length,
             "decoder": decoder, "resize_mode": resize_mode, **rest}
-
-
-def _in_sweep(ctx: Context) -> bool:
-    """Whether this call evaluates one checkpoint of a directory sweep (ctx.step is its step)."""
-    return ctx.ckpt is not None and ctx.step > 0 and step_of(Path(ctx.ckpt)) == ctx.step
 
 
 class CocoCaptioning:
@@ -142,47 +149,42 @@ class CocoCaptioning:
                                   image_size=image_size, resize=resize, batch_size=batch_size,
                                   num_workers=num_workers)
         self.num_images, self.spice, self.spice_jar_dir = num_images, spice, spice_jar_dir
-        self.show, self._summary = show, []
+        self.show = show
 
-    def __call__(self, ctx: Context) -> dict[str, float]:
-        model = self.source(ctx)
+    def __call__(self, request: EvalRequest) -> EvalResult:
+        model = self.source(request)
         if model is None:
-            ctx.info("coco_captioning skipped: no captioning model or checkpoint in this run")
-            return {}
+            request.info("coco_captioning skipped: no captioning model or checkpoint in this run")
+            return EvalResult()
         records = read_coco_captions(self.root, self.split)[: self.num_images]
-        if ctx.rank == 0:
+        if request.rank == 0:
             caption_metrics.start_meteor()  # its JVM loads while the images are captioned
-        mine = shard(len(records), ctx.rank, ctx.world_size)
-        captions, errors = caption_files(model, [records[i].path for i in mine], ctx.device,
-                                         log=ctx.info, progress=ctx.rank == 0,
+        mine = shard(records, request.rank, request.world_size)
+        captions, errors = caption_files(model, [r.path for r in mine], request.device,
+                                         log=request.info, progress=request.rank == 0,
                                          desc=f"captioning {self.split}", **self.decoding)
         if errors:
             index, reason = errors[0]
-            raise UserError(f"COCO image {records[mine[index]].path} is unreadable: {reason}")
-        rows = gather([{"image_id": records[mine[c.index]].image_id, "caption": c.caption}
+            raise UserError(f"COCO image {mine[index].path} is unreadable: {reason}")
+        rows = gather([{"image_id": mine[c.index].image_id, "caption": c.caption}
                        for c in captions])
-        if ctx.rank != 0:
-            return {}
+        if request.rank != 0:
+            return EvalResult()
         rows.sort(key=lambda r: r["image_id"])
-        sweep = _in_sweep(ctx)
-        name = f"predictions_step_{ctx.step:07d}.json" if sweep else "predictions.json"
-        write_json(ctx.run_dir / name, rows)
+        name = (f"predictions_step_{request.step:07d}.json" if request.in_sweep
+                else "predictions.json")
+        write_json(request.run_dir / name, rows)
         references = {r.image_id: r.captions for r in records}
         scores = caption_metrics.score_captions(rows, references, spice=self.spice,
                                                 spice_jar_dir=self.spice_jar_dir)
         metrics = {f"coco_captioning/{k}": v for k, v in scores.items()}
-        if not sweep:  # a sweep logs each checkpoint's metrics itself
-            ctx.log(metrics)
-        ctx.info(f"{name}: {len(rows)} captions; " + ", ".join(
+        if not request.in_sweep:  # a sweep logs each checkpoint's metrics itself
+            request.log(metrics)
+        request.info(f"{name}: {len(rows)} captions; " + ", ".join(
             f"{k} {v:.2f}" for k, v in scores.items()))
-        summary = ctx.extras.setdefault("summary", [])
-        if self._summary and self._summary[0] in summary:  # a sweep: the latest examples only
-            start = summary.index(self._summary[0])
-            del summary[start: start + len(self._summary)]
-        self._summary = [f"COCO {self.split} captions ({name}), e.g.:"]
-        self._summary += [f"  {r['image_id']}: {r['caption']}" for r in rows[: self.show]]
-        summary += self._summary
-        return metrics
+        summary = [f"COCO {self.split} captions ({name}), e.g.:"]
+        summary += [f"  {r['image_id']}: {r['caption']}" for r in rows[: self.show]]
+        return EvalResult(metrics, summary, [request.run_dir / name])
 
 
 class CaptionFolder:
@@ -210,37 +212,37 @@ class CaptionFolder:
                                   image_size=image_size, resize=resize, batch_size=batch_size,
                                   num_workers=num_workers)
 
-    def _outputs(self, ctx: Context) -> tuple[Path, Path]:
-        out = Path(self.output) if self.output else ctx.run_dir
+    def _outputs(self, request: EvalRequest) -> tuple[Path, Path]:
+        out = Path(self.output) if self.output else request.run_dir
         json_path = out if out.suffix.lower() == ".json" else out / "captions.json"
         return json_path, json_path.with_suffix(".html")
 
-    def __call__(self, ctx: Context) -> dict[str, float]:
+    def __call__(self, request: EvalRequest) -> EvalResult:
         if not self.folder.is_dir():
             raise UserError(f"evaluators.caption_folder.images: '{self.folder}' is not a folder")
         paths, others, folders = list_images(self.folder, self.recursive)
         if not paths:
             raise UserError(f"no JPEG, PNG or WebP images in '{self.folder}'"
                             + ("" if self.recursive else " (subfolders: set recursive=True)"))
-        json_path, html_path = self._outputs(ctx)
-        if ctx.rank == 0:  # an unwritable output fails now, not after the work
+        json_path, html_path = self._outputs(request)
+        if request.rank == 0:  # an unwritable output fails now, not after the work
             write_text(json_path.with_name(f".{json_path.name}.probe"), "")
             json_path.with_name(f".{json_path.name}.probe").unlink()
-        model = self.source(ctx)
+        model = self.source(request)
         if model is None:
-            ctx.info("caption_folder skipped: no captioning model or checkpoint in this run")
-            return {}
+            request.info("caption_folder skipped: no captioning model or checkpoint in this run")
+            return EvalResult()
 
         def name(path: Path) -> str:
             return path.relative_to(self.folder).as_posix()
 
-        journal = CaptionJournal(ctx.run_dir, ctx.rank)
+        journal = CaptionJournal(request.run_dir, request.rank)
         done = journal.read()
         todo = [p for p in paths if name(p) not in done]
         if len(todo) < len(paths):
-            ctx.info(f"caption_folder: {len(paths) - len(todo)} image(s) already captioned "
-                     f"({journal.pattern} in {ctx.run_dir}), {len(todo)} to go")
-        mine = [todo[i] for i in shard(len(todo), ctx.rank, ctx.world_size)]
+            request.info(f"caption_folder: {len(paths) - len(todo)} image(s) already "
+                         f"captioned ({journal.pattern} in {request.run_dir}), {len(todo)} to go")
+        mine = shard(todo, request.rank, request.world_size)
 
         def record(captions: list, errors: list) -> None:
             rows = [{"filename": name(mine[c.index]), "caption": c.caption,
@@ -249,30 +251,32 @@ class CaptionFolder:
             rows += [{"filename": name(mine[i]), "error": reason} for i, reason in errors]
             journal.append(rows)
 
-        caption_files(model, mine, ctx.device, all_beams=self.all_beams,
-                      thumbnail=self.thumbnail_size, log=ctx.info, progress=ctx.rank == 0,
-                      on_batch=record, **self.decoding)
+        caption_files(model, mine, request.device, all_beams=self.all_beams,
+                      thumbnail=self.thumbnail_size, log=request.info,
+                      progress=request.rank == 0, on_batch=record, **self.decoding)
         journal.close()
-        gather([])  # every process has written its journal
-        if ctx.rank != 0:
-            return {}
+        dist.barrier()  # every process has written its journal
+        if request.rank != 0:
+            return EvalResult()
         done = journal.read()
         skipped = [(name(p), "not a JPEG, PNG or WebP file") for p in others]
         skipped += [(name(p), done[name(p)]["error"]) for p in paths
                     if "error" in done.get(name(p), {})]
         for filename, reason in skipped:
-            ctx.info(f"skipped {filename}: {reason}")
+            request.info(f"skipped {filename}: {reason}")
         if folders:
-            ctx.info(f"{folders} subfolder(s) of {self.folder} not searched (recursive=False)")
+            request.info(f"{folders} subfolder(s) of {self.folder} not searched "
+                         "(recursive=False)")
         items = [done[name(p)] for p in paths if "caption" in done.get(name(p), {})]
         rows = [{k: v for k, v in item.items() if k != "thumbnail"} for item in items]
         write_text(json_path, json.dumps(rows, indent=2) + "\n")
         write_text(html_path, render_gallery(items, skipped, title=f"Captions: {self.folder}"))
         journal.remove()
-        ctx.info(f"{len(rows)} image(s) captioned, {len(skipped)} file(s) skipped: "
-                 f"{json_path}, {html_path}")
-        return {"caption_folder/images": float(len(rows)),
-                "caption_folder/skipped": float(len(skipped))}
+        request.info(f"{len(rows)} image(s) captioned, {len(skipped)} file(s) skipped: "
+                     f"{json_path}, {html_path}")
+        return EvalResult({"caption_folder/images": float(len(rows)),
+                           "caption_folder/skipped": float(len(skipped))},
+                          files=[json_path, html_path])
 
 
 class CaptionJournal:

@@ -18,15 +18,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Subset
 
 from virtex import dist, hookimpl
-from virtex.context import Context
 from virtex.data import transforms as T
 from virtex.data.datasets import ImageClassificationDataset
 from virtex.data.loader import data_loader
 from virtex.data.readers import read_image_folder, read_inat
 from virtex.errors import UserError
+from virtex.evaluation.api import EvalRequest, EvalResult, inference, shard
 from virtex.evaluation.features import weights_hash
 from virtex.io import write_json
 
@@ -109,52 +108,48 @@ def _eval_transform(size: int, resize: int | None) -> T.Compose:
     return T.eval_transform(resize or round(size * 256 / 224), size)
 
 
-@torch.no_grad()
 def class_counts(model: nn.Module, dataset: ImageClassificationDataset, num_classes: int,
-                 ctx: Context, batch_size: int = 256, num_workers: int = 4) -> torch.Tensor:
+                 request: EvalRequest, batch_size: int = 256,
+                 num_workers: int = 4) -> torch.Tensor:
     """``(3, K)`` counts per class: top-1 hits, top-5 hits, images; each rank scores its
     share of ``dataset`` and the counts are summed over ranks."""
-    shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
-    loader = data_loader(shard, batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=ctx.device.type == "cuda")
-    counts = torch.zeros(3, num_classes, dtype=torch.float64, device=ctx.device)
-    was_training = model.training
-    model.eval()
-    for batch in loader:
-        images = batch["image"].to(ctx.device, non_blocking=True)
-        target = batch["target"].to(ctx.device, non_blocking=True)
-        top = model.logits(images).topk(min(5, num_classes), dim=1).indices
-        hits = top == target[:, None]
-        for row, values in enumerate((hits[:, 0], hits.any(dim=1), torch.ones_like(target))):
-            counts[row] += torch.bincount(target, weights=values.double(), minlength=num_classes)
-    model.train(was_training)
-    if ctx.world_size > 1:
+    device = request.device
+    loader = data_loader(shard(dataset, request.rank, request.world_size),
+                         batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=device.type == "cuda")
+    counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
+    with inference(model):
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
+            target = batch["target"].to(device, non_blocking=True)
+            top = model.logits(images).topk(min(5, num_classes), dim=1).indices
+            hits = top == target[:, None]
+            for row, values in enumerate((hits[:, 0], hits.any(dim=1), torch.ones_like(target))):
+                counts[row] += torch.bincount(target, weights=values.double(),
+                                              minlength=num_classes)
+    if request.world_size > 1:
         torch.distributed.all_reduce(counts)
     return counts.cpu()
 
 
 def _fit(model: nn.Module, trainer: Callable, dataset: ImageClassificationDataset, epochs: int,
-         batch_size: int, ctx: Context, name: str, **options: object) -> nn.Module:
+         batch_size: int, request: EvalRequest, name: str, **options: object) -> nn.Module:
     """Train for ``epochs`` (``ceil(N / batch_size)`` steps each) with a trainer from the
     factory ``trainer``; resumes from ``run_dir/name/<initial weights hash>``."""
     if not callable(trainer):
         raise UserError(f"{name}: trainer must be a trainer factory such as @{name}/trainer "
                         f"(without '()'), got {type(trainer).__name__}")
-    if batch_size % ctx.world_size:
+    if batch_size % request.world_size:
         raise UserError(f"{name}: batch_size {batch_size} is not divisible by the "
-                        f"{ctx.world_size} processes")
+                        f"{request.world_size} processes")
     steps_per_epoch = math.ceil(len(dataset) / batch_size)
     # rank 0's name: a random-init backbone differs between ranks until DDP syncs it
-    ckpt_dir = ctx.run_dir / name / dist.gather_objects(weights_hash(model.visual)[:12])[0]
-    ctx.info(f"{name}: {epochs} epochs of {steps_per_epoch} steps, checkpoints in {ckpt_dir}")
+    ckpt_dir = request.run_dir / name / dist.gather_objects(weights_hash(model.visual)[:12])[0]
+    request.info(f"{name}: {epochs} epochs of {steps_per_epoch} steps, checkpoints in {ckpt_dir}")
     fit = trainer(dataset=dataset, batch_size=batch_size, max_steps=epochs * steps_per_epoch,
                   **options)
-    step = ctx.step
-    try:
-        model = fit.fit(model, ctx, ckpt_dir=ckpt_dir)
-    finally:
-        ctx.step = step  # the trainer counts its own steps; later evaluators see the run's
-    if ctx.world_size > 1:  # BatchNorm statistics drift apart per rank: take rank 0's
+    model = fit.fit(model, request.trainer_context(), ckpt_dir=ckpt_dir)
+    if request.world_size > 1:  # BatchNorm statistics drift apart per rank: take rank 0's
         for tensor in model.state_dict().values():
             torch.distributed.broadcast(tensor, 0)
     return model
@@ -193,20 +188,20 @@ class ImageNetLinear:
         self.train_split, self.val_split = train_split, val_split
         self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
 
-    def __call__(self, ctx: Context) -> dict[str, float]:
+    def __call__(self, request: EvalRequest) -> EvalResult:
         paths, targets, classes = read_image_folder(self.root, self.train_split)
         val_paths, val_targets, _ = read_image_folder(self.root, self.val_split, classes)
         train = ImageClassificationDataset(paths, targets,
                                            train_transform(self.image_size, self.crop_scale))
         val = ImageClassificationDataset(val_paths, val_targets,
                                          _eval_transform(self.image_size, self.resize))
-        model = LinearProbe(copy.deepcopy(ctx.backbone), len(classes), self.head,
+        model = LinearProbe(copy.deepcopy(request.backbone), len(classes), self.head,
                             self.classifier_init)
-        model = _fit(model, self.trainer, train, self.epochs, self.batch_size, ctx, "linear")
-        counts = class_counts(model, val, len(classes), ctx, self.eval_batch_size,
+        model = _fit(model, self.trainer, train, self.epochs, self.batch_size, request, "linear")
+        counts = class_counts(model, val, len(classes), request, self.eval_batch_size,
                               self.num_workers)
         top1, top5, _ = _accuracy(counts)
-        return {"imagenet/top1": top1, "imagenet/top5": top5}
+        return EvalResult({"imagenet/top1": top1, "imagenet/top5": top5})
 
 
 class INaturalist:
@@ -233,7 +228,7 @@ class INaturalist:
         self.train_split, self.val_split = train_split, val_split
         self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
 
-    def __call__(self, ctx: Context) -> dict[str, float]:
+    def __call__(self, request: EvalRequest) -> EvalResult:
         paths, targets, classes = read_inat(self.root, self.train_split)
         val_paths, val_targets, val_classes = read_inat(self.root, self.val_split)
         if val_classes != classes:
@@ -244,18 +239,22 @@ class INaturalist:
                                            train_transform(self.image_size, self.crop_scale))
         val = ImageClassificationDataset(val_paths, val_targets,
                                          _eval_transform(self.image_size, self.resize))
-        model = FineTune(copy.deepcopy(ctx.backbone), len(classes), self.classifier_init)
+        model = FineTune(copy.deepcopy(request.backbone), len(classes), self.classifier_init)
         steps_per_epoch = math.ceil(len(train) / self.batch_size)
-        model = _fit(model, self.trainer, train, self.epochs, self.batch_size, ctx, "inat",
+        model = _fit(model, self.trainer, train, self.epochs, self.batch_size, request, "inat",
                      milestones=tuple(e * steps_per_epoch for e in self.milestones))
-        counts = class_counts(model, val, len(classes), ctx, self.eval_batch_size,
+        counts = class_counts(model, val, len(classes), request, self.eval_batch_size,
                               self.num_workers)
         top1, top5, mean_class = _accuracy(counts)
-        if ctx.rank == 0:
-            write_json(ctx.run_dir / "inat_per_class.json", [
+        result = EvalResult({"inat/top1": top1, "inat/top5": top5,
+                             "inat/mean_class_top1": mean_class})
+        if request.rank == 0:
+            path = request.run_dir / "inat_per_class.json"
+            write_json(path, [
                 {"class": name, "images": int(n), "top1": float(c / n) * 100 if n else None}
                 for name, c, n in zip(classes, counts[0].tolist(), counts[2].tolist())])
-        return {"inat/top1": top1, "inat/top5": top5, "inat/mean_class_top1": mean_class}
+            result.files.append(path)
+        return result
 
 
 @hookimpl

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 from virtex import dist, hookimpl
-from virtex.context import Context
 from virtex.errors import UserError
+from virtex.evaluation.api import EvalRequest, EvalResult
 from virtex.evaluation.features import weights_hash
 from virtex.models.visual import RESNETS
 
@@ -96,40 +96,39 @@ class _Detection:
                             f"protocol), but detectron2 is not installed ({why}): {D2_INSTALL}")
         return self.backend
 
-    def __call__(self, ctx: Context) -> dict[str, float]:
-        backbone = ctx.backbone
+    def __call__(self, request: EvalRequest) -> EvalResult:
+        backbone = request.backbone
         if getattr(backbone, "name", None) not in RESNETS or not hasattr(backbone, "cnn"):
             raise UserError(f"evaluators.{self.name} needs a torchvision ResNet backbone "
                             f"(experiment.backbone = @backbones.resnet50 or another of "
                             f"{', '.join(RESNETS)}), got {type(backbone).__name__}")
         backend = self.resolved_backend()
-        if self.settings.batch_size % ctx.world_size:
+        if self.settings.batch_size % request.world_size:
             raise UserError(f"detection_settings.batch_size = {self.settings.batch_size} "
-                            f"is not divisible by the {ctx.world_size} processes")
+                            f"is not divisible by the {request.world_size} processes")
         train, test = self.data()
         settings = self.settings.for_task(self.arch, len(train.classes))
-        work_dir = (ctx.run_dir / "detection"
+        work_dir = (request.run_dir / "detection"
                     / f"{self.name}-{backend}-{weights_hash(backbone.cnn)[:10]}")
         if backend == "torchvision":
             from .torchvision_backend import run
 
-            predictions = run(ctx, settings, train, test, work_dir)
+            predictions = run(request, settings, train, test, work_dir)
             raw = None
-            if ctx.rank == 0:  # the official evaluation once, its numbers to every process
+            if request.rank == 0:  # the official evaluation once, its numbers to every process
                 raw = {**self.metrics(test, predictions),
                        "images": len({p.index for p in predictions})}
             raw = dist.gather_objects(raw)[0]
         else:
             from .detectron2_backend import run as run_d2
 
-            raw = run_d2(ctx, settings, train, test, work_dir, self.name)
+            raw = run_d2(request, settings, train, test, work_dir, self.name)
         metrics = {f"{self.prefix}/{k}": float(v) for k, v in raw.items()}  # images: evaluated
         metrics[f"{self.prefix}/backend_detectron2"] = float(backend == "detectron2")
-        summary = ctx.extras.setdefault("summary", [])
-        summary.append(f"{self.name}: {backend} backend, {settings.arch} "
-                       f"({backbone.name}), {settings.max_steps} steps; checkpoints in {work_dir}")
-        ctx.log({k: v for k, v in metrics.items() if math.isfinite(v)}, settings.max_steps)
-        return metrics
+        summary = [f"{self.name}: {backend} backend, {settings.arch} ({backbone.name}), "
+                   f"{settings.max_steps} steps; checkpoints in {work_dir}"]
+        request.log({k: v for k, v in metrics.items() if math.isfinite(v)}, settings.max_steps)
+        return EvalResult(metrics, summary)
 
 
 class CocoInstanceSeg(_Detection):

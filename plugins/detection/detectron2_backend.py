@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from virtex import dist
-from virtex.context import Context
 from virtex.errors import UserError
+from virtex.evaluation.api import EvalRequest
 
 from .datasets import DetectionData, Instances, trainable
 from .evaluate import lvis_numpy_compat
@@ -232,7 +232,7 @@ def _logger(work_dir: Path, rank: int) -> None:
         log.addHandler(h)
 
 
-def run(ctx: Context, s: DetectionSettings, train: DetectionData, test: DetectionData,
+def run(ctx: EvalRequest, s: DetectionSettings, train: DetectionData, test: DetectionData,
         work_dir: Path, task: str) -> dict[str, float]:
     """Fine-tune with detectron2's DefaultTrainer (resuming from ``work_dir``) and evaluate;
     returns the evaluator's numbers (percent) under this plugin's metric names."""

@@ -29,6 +29,7 @@ from virtex import dist
 from virtex.context import Context
 from virtex.data.loader import data_loader
 from virtex.engine import SampleSeeded, StepBatchSampler, Trainer
+from virtex.evaluation.api import EvalRequest, gather, inference, shard
 from virtex.models.visual import RESNETS
 
 from .datasets import DetectionData, DetectionDataset, load_rgb
@@ -185,7 +186,7 @@ class DetectionTrainer(Trainer):
 
 @torch.no_grad()
 def precise_bn(task: DetectorTask, dataset: DetectionDataset, s: DetectionSettings,
-               ctx: Context) -> None:
+               ctx: EvalRequest) -> None:
     """Recompute BatchNorm statistics of the final model as a plain average over
     ``s.precise_bn_iters`` training batches (detectron2's PreciseBN at test time)."""
     bns = [m for m in task.modules()
@@ -223,36 +224,34 @@ class _TestImages(Dataset):
         return index, load_rgb(self.data.records[index].path)
 
 
-@torch.no_grad()
 def predict(detector: nn.Module, data: DetectionData, s: DetectionSettings,
-            ctx: Context) -> list[Prediction]:
+            ctx: EvalRequest) -> list[Prediction]:
     """Detections of every test image (images split over processes, gathered on all)."""
-    detector.eval()
     transform = detector.transform
     train_sizes = transform.min_size
     transform.min_size = (s.min_size_test,)
-    indices = list(range(ctx.rank, len(data.records), ctx.world_size))
+    indices = shard(range(len(data.records)), ctx.rank, ctx.world_size)
     loader = data_loader(_TestImages(data, indices), batch_size=None, num_workers=s.num_workers)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(s.amp or "")
     mine = []
     try:
-        for index, image in loader:
-            with torch.autocast(ctx.device.type, dtype=dtype or torch.float32,
-                                enabled=dtype is not None):
-                out = detector([image.to(ctx.device)])[0]
-            masks = None
-            if "masks" in out:
-                masks = encode_masks((out["masks"][:, 0] > 0.5).cpu().numpy())
-            mine.append(Prediction(int(index), out["boxes"].float().cpu().numpy(),
-                                   out["scores"].float().cpu().numpy(),
-                                   (out["labels"] - 1).cpu().numpy(), masks))
+        with inference(detector):
+            for index, image in loader:
+                with torch.autocast(ctx.device.type, dtype=dtype or torch.float32,
+                                    enabled=dtype is not None):
+                    out = detector([image.to(ctx.device)])[0]
+                masks = None
+                if "masks" in out:
+                    masks = encode_masks((out["masks"][:, 0] > 0.5).cpu().numpy())
+                mine.append(Prediction(int(index), out["boxes"].float().cpu().numpy(),
+                                       out["scores"].float().cpu().numpy(),
+                                       (out["labels"] - 1).cpu().numpy(), masks))
     finally:
         transform.min_size = train_sizes
-    everything = [p for part in dist.gather_objects(mine) for p in part]
-    return sorted(everything, key=lambda p: p.index)
+    return sorted(gather(mine), key=lambda p: p.index)
 
 
-def run(ctx: Context, s: DetectionSettings, train: DetectionData, test: DetectionData,
+def run(ctx: EvalRequest, s: DetectionSettings, train: DetectionData, test: DetectionData,
         work_dir: Path) -> list[Prediction]:
     """Fine-tune a detector from ``ctx.backbone`` (resuming from ``work_dir``), predict ``test``."""
     cnn = ctx.backbone.cnn
@@ -271,6 +270,6 @@ def run(ctx: Context, s: DetectionSettings, train: DetectionData, test: Detectio
         keep_every=None, log_every=s.log_every)
     ctx.info(f"detection ({s.arch}, torchvision): {len(dataset)} training images, "
              f"{s.max_steps} steps of {s.batch_size}; checkpoints in {work_dir}")
-    task = trainer.fit(task, ctx, ckpt_dir=work_dir)
+    task = trainer.fit(task, ctx.trainer_context(), ckpt_dir=work_dir)
     precise_bn(task, dataset, s, ctx)
     return predict(task.detector, test, s, ctx)

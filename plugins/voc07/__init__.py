@@ -1,4 +1,6 @@
-"""PASCAL VOC2007 linear-SVM classification: the paper's main representation benchmark."""
+"""PASCAL VOC2007 linear-SVM classification: the paper's main representation benchmark.
+
+The batched SVM solver is this plugin's ``svm`` module."""
 
 from __future__ import annotations
 
@@ -7,13 +9,14 @@ from collections.abc import Sequence
 import torch
 
 from virtex import hookimpl
-from virtex.context import Context
 from virtex.data.readers import read_voc_classification
 from virtex.data.transforms import Compose, check_resize_mode, eval_min_side, eval_transform
 from virtex.errors import UserError
+from virtex.evaluation.api import EvalRequest, EvalResult
 from virtex.evaluation.features import cached_features
-from virtex.evaluation.svm import voc07_svm_map
 from virtex.io import write_json
+
+from .svm import voc07_svm_map
 
 
 class VOC07SVM:
@@ -43,34 +46,36 @@ class VOC07SVM:
         """The image transform of both splits."""
         return eval_transform(self.resize, self.image_size, self.resize_mode)
 
-    def features(self, ctx: Context, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def features(self, request: EvalRequest, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Cached pooled features ``(N, C)``, VOC flags ``(N, K)`` and class names of ``split``."""
         paths, labels, classes = read_voc_classification(self.root, split)
-        feats = cached_features(ctx.backbone, paths, self.transform(), ctx.device, tag=f"voc07-{split}",
-                                batch_size=self.batch_size, num_workers=self.num_workers,
+        feats = cached_features(request.backbone, paths, self.transform(), request.device,
+                                tag=f"voc07-{split}", batch_size=self.batch_size, num_workers=self.num_workers,
                                 min_side=eval_min_side(self.resize, self.resize_mode))
         return feats, torch.as_tensor(labels), classes
 
-    def __call__(self, ctx: Context) -> dict[str, float]:
-        train_x, train_y, classes = self.features(ctx, self.train_split)
-        test_x, test_y, test_classes = self.features(ctx, self.test_split)
+    def __call__(self, request: EvalRequest) -> EvalResult:
+        train_x, train_y, classes = self.features(request, self.train_split)
+        test_x, test_y, test_classes = self.features(request, self.test_split)
         if test_classes != classes:
             missing = sorted(set(classes) ^ set(test_classes))
             raise UserError(f"{self.root}/ImageSets/Main: the classes of '{self.train_split}' "
                             f"and '{self.test_split}' differ ({', '.join(missing[:3])}); "
                             "expected a <class>_<split>.txt file for every class in both")
         result = voc07_svm_map(train_x, train_y, test_x, test_y, costs=self.costs,
-                               folds=self.folds, pos_weight=self.pos_weight, device=ctx.device)
+                               folds=self.folds, pos_weight=self.pos_weight, device=request.device)
         metrics = {"voc07/mAP": float(result["mAP"])}
         for name, ap in zip(classes, result["ap"]):
             metrics[f"voc07/AP/{name}"] = float(ap)
-        if ctx.rank == 0:
-            write_json(ctx.run_dir / "voc07_svm.json", {
-                "step": ctx.step, "checkpoint": str(ctx.ckpt) if ctx.ckpt else None,
-                "mAP": result["mAP"], "classes": [
-                    {"class": c, "ap": ap, "cost": cost}
-                    for c, ap, cost in zip(classes, result["ap"], result["best_cost"])]})
-        return metrics
+        if request.rank != 0:
+            return EvalResult(metrics)
+        path = request.run_dir / "voc07_svm.json"
+        write_json(path, {
+            "step": request.step, "checkpoint": str(request.ckpt) if request.ckpt else None,
+            "mAP": result["mAP"], "classes": [
+                {"class": c, "ap": ap, "cost": cost}
+                for c, ap, cost in zip(classes, result["ap"], result["best_cost"])]})
+        return EvalResult(metrics, files=[path])
 
 
 @hookimpl

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from virtex.data.cache import cache_dir
 from virtex.data.loader import data_loader
 from virtex.data.transforms import Compose, load_image
+from virtex.evaluation.api import inference
 from virtex.io import atomic_write
 
 # Part of every cache key: bump it when decoding or the transforms change pixels without
@@ -42,19 +43,17 @@ def weights_hash(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
 def extract_features(backbone: nn.Module, paths: Sequence[Path], transform: Compose,
                      device: torch.device, batch_size: int = 64, num_workers: int = 2,
                      min_side: int | None = None) -> torch.Tensor:
     """Global-average-pooled features ``(N, C)`` of ``paths`` (backbone in eval mode)."""
-    was_training = backbone.training
-    backbone.eval()
     loader = data_loader(_Images(paths, transform, min_side), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     out = []
-    for images in loader:
-        out.append(backbone(images.to(device, non_blocking=True)).float().mean(dim=(2, 3)).cpu())
-    backbone.train(was_training)
+    with inference(backbone):
+        for images in loader:
+            feats = backbone(images.to(device, non_blocking=True))
+            out.append(feats.float().mean(dim=(2, 3)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

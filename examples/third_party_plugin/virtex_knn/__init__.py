@@ -11,6 +11,7 @@ from torchvision.transforms import v2 as T
 
 import virtex
 from virtex.data.readers import read_image_folder
+from virtex.evaluation.api import EvalRequest, EvalResult, inference
 
 
 class KNN:
@@ -19,7 +20,6 @@ class KNN:
     def __init__(self, root: str, k: int = 20, image_size: int = 224, batch_size: int = 64):
         self.root, self.k, self.image_size, self.batch_size = root, k, image_size, batch_size
 
-    @torch.no_grad()
     def _features(self, backbone: torch.nn.Module, paths: list[Path], device) -> torch.Tensor:
         transform = T.Compose([
             T.ToImage(), T.Resize(self.image_size), T.CenterCrop(self.image_size),
@@ -33,17 +33,17 @@ class KNN:
             feats.append(F.normalize(backbone(x).mean(dim=(2, 3)), dim=1).cpu())
         return torch.cat(feats)
 
-    def __call__(self, ctx) -> dict[str, float]:
+    def __call__(self, request: EvalRequest) -> EvalResult:
         train_paths, train_y, classes = read_image_folder(self.root, "train")
         val_paths, val_y, _ = read_image_folder(self.root, "val")
-        ctx.backbone.eval()
-        train = self._features(ctx.backbone, train_paths, ctx.device)
-        val = self._features(ctx.backbone, val_paths, ctx.device)
+        with inference(request.backbone):  # eval mode, no gradients; restored afterwards
+            train = self._features(request.backbone, train_paths, request.device)
+            val = self._features(request.backbone, val_paths, request.device)
         sims, idx = (val @ train.T).topk(min(self.k, len(train_paths)), dim=1)
         votes = torch.zeros(len(val_paths), len(classes))
         votes.scatter_add_(1, torch.as_tensor(train_y)[idx], sims.exp())
         top1 = (votes.argmax(1) == torch.as_tensor(val_y)).float().mean().item()
-        return {"knn/top1": 100.0 * top1}
+        return EvalResult({"knn/top1": 100.0 * top1})
 
 
 @virtex.hookimpl

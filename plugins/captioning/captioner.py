@@ -6,6 +6,7 @@ Progress is a tqdm bar on a terminal and a log line every ~10% otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,12 +17,13 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from virtex import dist
 from virtex.data.loader import data_loader
 from virtex.data.readers import IMAGE_EXTENSIONS
 from virtex.data.transforms import eval_min_side, eval_transform, load_image
-from virtex.evaluation.gallery import thumbnail_uri
+from virtex.evaluation.api import inference
 from virtex.models.decoding import beam_search_all
+
+from .gallery import thumbnail_uri
 
 
 @dataclass
@@ -90,7 +92,6 @@ class Progress:
             self.bar.close()
 
 
-@torch.no_grad()
 def _decode(model: nn.Module, images: torch.Tensor, method: str, beam_size: int,
             max_length: int, all_beams: bool, decoder: str) -> list[list[dict]]:
     decode = model.tokenizer.decode
@@ -121,12 +122,10 @@ def caption_files(model: nn.Module, paths: Sequence[Path], device: torch.device,
     dataset = _ImageFiles(paths, resize, image_size, thumbnail, resize_mode)
     loader = data_loader(dataset, batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate)
-    was_training = model.training
-    model.eval()
     captions: list[Caption] = []
     errors: list[tuple[int, str]] = []
     bar = Progress(len(paths), desc, log, progress)
-    try:
+    with inference(model), contextlib.closing(bar):
         for items in loader:
             good = [it for it in items if "error" not in it]
             failed = [(it["index"], it["error"]) for it in items if "error" in it]
@@ -142,24 +141,7 @@ def caption_files(model: nn.Module, paths: Sequence[Path], device: torch.device,
             if on_batch is not None:
                 on_batch(done, failed)
             bar.update(len(items))
-    finally:
-        bar.close()
-        model.train(was_training)
     return captions, errors
-
-
-def shard(n: int, rank: int, world_size: int) -> list[int]:
-    """The indices of ``n`` items that process ``rank`` handles."""
-    return list(range(rank, n, world_size))
-
-
-def gather(objects: list) -> list:
-    """Concatenate every process's list (all processes get the whole list)."""
-    if not dist.is_initialized():
-        return list(objects)
-    parts: list = [None] * dist.world_size()
-    torch.distributed.all_gather_object(parts, objects)
-    return [x for part in parts for x in part]
 
 
 def list_images(folder: Path, recursive: bool = False) -> tuple[list[Path], list[Path], int]:

@@ -14,14 +14,9 @@ import torch
 from torch import nn
 
 from virtex import checkpoint
-from virtex.context import Context
 from virtex.errors import UserError
+from virtex.evaluation.api import EvalRequest, is_captioning_model
 from virtex.weights import key_mismatches, virtex_state_dict_to_ours
-
-
-def is_captioning_model(model: object) -> bool:
-    """Whether ``model`` can caption images (a captioning task with its tokenizer)."""
-    return all(hasattr(model, a) for a in ("generate", "tokenizer", "textual", "visual"))
 
 
 def _few(keys: list[str], limit: int = 3) -> str:
@@ -90,30 +85,30 @@ def load_captioning_checkpoint(model: nn.Module, path: str | Path) -> None:
 
 
 class ModelSource:
-    """Which model an evaluator captions with: the run's pretrained ``ctx.model`` if it
-    can caption, else ``factory()`` (built once) loaded from ``ctx.ckpt``."""
+    """Which model an evaluator captions with: the run's pretrained ``request.model`` if
+    it can caption, else ``factory()`` (built once) loaded from ``request.ckpt``."""
 
     def __init__(self, factory: Callable[[], nn.Module] | None, evaluator: str):
         self.factory, self.evaluator = factory, evaluator
         self._model: nn.Module | None = None
         self._loaded: Path | None = None
 
-    def __call__(self, ctx: Context) -> nn.Module | None:
-        """The model, on ``ctx.device``; None when the run has neither model nor checkpoint
+    def __call__(self, request: EvalRequest) -> nn.Module | None:
+        """The model, on ``request.device``; None when the run has neither model nor checkpoint
         (e.g. the random-init comparison of a pretraining run)."""
-        if ctx.model is not None:
-            if not is_captioning_model(ctx.model):
+        if request.model is not None:
+            if not is_captioning_model(request.model):
                 raise UserError(f"evaluators.{self.evaluator}: this run pretrained a "
-                                f"{type(ctx.model).__name__}, which cannot generate captions")
-            return ctx.model
-        if ctx.ckpt is None:
+                                f"{type(request.model).__name__}, which cannot generate captions")
+            return request.model
+        if request.ckpt is None:
             return None
         if self.factory is None:
             raise UserError(f"evaluators.{self.evaluator}.model is not set: bind it to the task "
                             "factory the checkpoint was trained with, e.g. @tasks.bicaptioning")
         if self._model is None:
             self._model = build_captioning_model(self.factory)
-        if self._loaded != Path(ctx.ckpt):  # each checkpoint of a sweep in turn
-            load_captioning_checkpoint(self._model, ctx.ckpt)
-            self._loaded = Path(ctx.ckpt)
-        return self._model.to(ctx.device)
+        if self._loaded != Path(request.ckpt):  # each checkpoint of a sweep in turn
+            load_captioning_checkpoint(self._model, request.ckpt)
+            self._loaded = Path(request.ckpt)
+        return self._model.to(request.device)
