@@ -7,12 +7,11 @@ import functools
 import html
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from browser import chromium, probed_dom
 from cli import REPO
 from PIL import Image
 from virtex.plugins.captioning.gallery import render_gallery
@@ -164,27 +163,13 @@ def test_gallery_escapes_text():
     assert "&lt;b&gt;x.jpg" in page and "&lt;i&gt;.txt: bad &amp; wrong" in page
 
 
-# Reports each image's decoded width into the DOM once the page has loaded.
-PROBE = """<script>
-window.addEventListener('load', () => {
-  for (const img of document.images) img.setAttribute('data-natural-width', img.naturalWidth);
-  document.body.setAttribute('data-probed', document.images.length);
-});
-</script>"""
 
 
 @pytest.mark.requires("chromium", how="install Chromium (apt-get install -y chromium) to run "
                                      "the gallery rendering test")
 def test_browser_chromium_shows_images_beside_captions(gallery_run, tmp_path):
     """BROWSER TEST: renders captions.html in headless Chromium (``chromium`` on PATH)."""
-    page = tmp_path / "probe.html"
-    page.write_text((gallery_run / "captions.html").read_text().replace("</body>", PROBE + "</body>"))
-    flags = [shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-             "--virtual-time-budget=5000", "--window-size=1200,900"]
-    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
-                         timeout=120).stdout
+    dom = probed_dom(gallery_run / "captions.html", tmp_path / "profile")
     assert 'data-probed="3"' in dom, dom[-2000:]
     widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
     assert len(widths) == 3 and all(w > 0 for w in widths)
@@ -193,8 +178,7 @@ def test_browser_chromium_shows_images_beside_captions(gallery_run, tmp_path):
         assert html.escape(row["caption"], quote=False) in dom
 
     shot = tmp_path / "gallery.png"
-    subprocess.run([*flags, f"--screenshot={shot}", (gallery_run / "captions.html").as_uri()],
-                   capture_output=True, timeout=120)
+    chromium(tmp_path / "profile", f"--screenshot={shot}", (gallery_run / "captions.html").as_uri())
     with Image.open(shot) as image:
         assert image.size == (1200, 900)
         assert len(image.convert("RGB").resize((120, 90)).getcolors(20000)) > 50  # not blank
