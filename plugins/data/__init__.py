@@ -85,9 +85,25 @@ def evaluation(resize: PositiveInt = 256, size: PositiveInt = 224,
     return T.eval_transform(resize, size, resize_mode)
 
 
+def caption_shards(shards: str | list[str] = gin.REQUIRED,
+                   tokenizer: SentencePieceTokenizer = gin.REQUIRED,
+                   transform: Callable | None = None, caption_key: str = "caption",
+                   shuffle_buffer: Annotated[int, Range(1)] = 1000,
+                   max_caption_length: Annotated[int, Range(3)] = 30,
+                   num_samples: Annotated[int, Range(1)] | None = None):
+    """Captioned images from webdataset tar shards (img2dataset, RedCaps; see
+    :mod:`virtex.data.shards`): ``shards`` a brace pattern, a list, or weighted sources
+    joined with ``::``; the caption from ``KEY.txt`` or ``KEY.json[caption_key]``."""
+    from virtex.data.shards import CaptionShards
+
+    return CaptionShards(shards, tokenizer, transform or T.train_transform(),
+                         caption_key=caption_key, shuffle_buffer=shuffle_buffer,
+                         max_caption_length=max_caption_length, num_samples=num_samples)
+
+
 @hookimpl
 def virtex_datasets() -> dict[str, Callable]:
-    return {"coco_captions": coco_captions}
+    return {"coco_captions": coco_captions, "caption_shards": caption_shards}
 
 
 @hookimpl
