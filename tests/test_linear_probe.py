@@ -79,20 +79,17 @@ def test_resume_after_preemption_matches_an_uninterrupted_run(shapes_root, tmp_p
     root = shapes_root / "imagenet"
     assert main(_args(root, tmp_path / "ref", *params)) == 0
 
-    real_forward, calls = classification.LinearProbe.forward, []
+    real_forward, calls, stop = classification.LinearProbe.forward, [], engine.StopRequest()
 
     def forward(self, batch):  # a pre-emption signal arriving during step 5
         calls.append(1)
         if len(calls) == 5:
-            engine.request_stop()
+            stop.request()
         return real_forward(self, batch)
 
     monkeypatch.setattr(classification.LinearProbe, "forward", forward)
-    try:
-        with pytest.raises(engine.Preempted):
-            main(_args(root, tmp_path / "cut", *params))
-    finally:
-        engine._STOP.clear()
+    with pytest.raises(engine.Preempted), engine.training_hooks(stop):
+        main(_args(root, tmp_path / "cut", *params))
     assert [p.name for p in (tmp_path / "cut" / "linear").glob("*/*.pt")] == ["step_0000005.pt"]
     monkeypatch.setattr(classification.LinearProbe, "forward", real_forward)
     assert main(_args(root, tmp_path / "cut", *params)) == 0
