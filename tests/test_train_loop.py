@@ -4,6 +4,8 @@ train state's checkpoint, the map-style source's order."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,10 @@ def test_the_map_source_keeps_todays_order():
     assert list(StepBatchSampler(7, 3, 0, 1, 5, 3, 8)) == keys[3:]
     batches = list(MapSource(list(range(7)), 3, 8).batches(5, 6, 0, 1))
     assert [b.tolist() for b in batches] == old[6:]  # dataset[i] == i, default collate
+
+
+def test_the_engine_imports_no_evaluation_code():
+    code = ("import sys, virtex.engine; print(sorted(m for m in sys.modules "
+            "if m.startswith(('virtex.evaluation', 'virtex.plugins'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
