@@ -10,7 +10,7 @@ Pre-emption and time limits: SLURM sends USR2 ``signal_delay_s`` before the
 limit (or on ``scancel --signal=USR2``); submitit's handler calls
 :meth:`SlurmTask.checkpoint` in the main thread, then requeues the job and exits.
 The run itself is in a second thread, so ``checkpoint()`` can ask the trainer to
-stop (the :class:`~virtex.engine.StopRequest` hook the run's trainers get) and wait while
+stop (the :class:`~virtex.train_hooks.StopRequest` hook the run's trainers get) and wait while
 it saves at the step boundary; the requeued job resumes from that checkpoint (the runner
 always resumes).
 """
@@ -273,8 +273,9 @@ class SlurmTask(submitit.helpers.Checkpointable):
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def __call__(self) -> dict[str, float]:
-        from virtex.engine import Preempted, StopRequest, training_hooks
+        from virtex.engine import Preempted
         from virtex.runner import own_run_dir, run_job
+        from virtex.train_hooks import StopRequest, training_hooks
 
         env = submitit.JobEnvironment()
         _only_this_process_checkpoints(env)

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from virtex import engine
 from virtex.checkpoint import list_checkpoints
 from virtex.context import Context, RunLogger
 from virtex.data.source import DataSource, MapSource, StepBatchSampler
-from virtex.engine import Hook, Preempted, StopRequest, Trainer, TrainState
+from virtex.engine import Preempted, Trainer, TrainState
 from virtex.errors import UserError
+from virtex.train_hooks import Hook, StopRequest, training_hooks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,7 +131,7 @@ def test_hooks_are_called_at_the_documented_points_with_the_state(tmp_path):
     ctx = _ctx(tmp_path)
     ckpt_dir = tmp_path / "checkpoints"
     scoped, own, extra = Recorder(ckpt_dir), Recorder(ckpt_dir), Recorder(ckpt_dir)
-    with engine.training_hooks(scoped):
+    with training_hooks(scoped):
         _trainer(Stream(), max_steps=4, hooks=[own]).fit(Regression(), ctx, hooks=[extra])
     expected = [("on_train_start", 0, True),
                 ("after_step", 1, True), ("after_step", 2, True), ("on_checkpoint", 2, True),

@@ -2,8 +2,8 @@
 
 :meth:`Trainer.fit` is a short loop over public parts: a :class:`TrainState` (model,
 optimizer, GradScaler, Lookahead, step, every RNG; one ``state_dict``), a data source
-(:mod:`virtex.data.source`) and :class:`Hook` objects called at documented points
-(logging, checkpointing, the stop request and plugins' hooks such as sample captions).
+(:mod:`virtex.data.source`) and hooks (:mod:`virtex.train_hooks`) called at documented
+points (logging, checkpointing, the stop request and plugins' hooks: sample captions).
 
 Exact resume rests on two rules: the batch of step ``s`` is a function of ``(seed, s)``
 (:class:`~virtex.data.source.StepBatchSampler`; a stream saves its position), and every
@@ -12,16 +12,11 @@ other source of randomness (the RNG states of every process) is saved in the che
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 import os
 import random
 import re
-import sys
-import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,71 +40,11 @@ from virtex.context import Context
 from virtex.data.source import DataSource, MapSource
 from virtex.errors import UserError
 from virtex.registry import get_registry
+from virtex.train_hooks import Checkpoints, LogProgress, call_hooks, scoped_hooks
 
 
 class Preempted(Exception):
     """Raised by :meth:`Trainer.fit` after it saved a checkpoint because a stop was requested."""
-
-
-class Hook:
-    """A training hook. :meth:`Trainer.fit` calls, on every rank and in the order of its
-    hooks, ``on_train_start(state)`` once before the first step (after resuming),
-    ``after_step(state, out)`` after every optimizer step (``state.step`` already counts
-    it; ``out`` is the task's output), ``on_checkpoint(state)`` at every checkpoint step
-    (the built-in :class:`Checkpoints` hook writes the file first) and
-    ``on_train_end(state)`` when training reached ``max_steps``. A hook need not derive
-    from this class: a missing method is not called."""
-
-    def on_train_start(self, state: TrainState) -> None:
-        pass
-
-    def after_step(self, state: TrainState, out: dict[str, Any]) -> None:
-        pass
-
-    def on_checkpoint(self, state: TrainState) -> None:
-        pass
-
-    def on_train_end(self, state: TrainState) -> None:
-        pass
-
-
-class StopRequest(Hook):
-    """The stop request: after :meth:`request` (from any thread, e.g. a launcher's signal
-    handler), every rank ends the current step with a checkpoint and :meth:`Trainer.fit`
-    raises :class:`Preempted`. Every rank must run it (it is a collective each step)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def request(self) -> None:
-        self.event.set()
-
-    def after_step(self, state: TrainState, out: dict[str, Any]) -> None:
-        requested = dist.any_true(self.event.is_set())  # every rank stops at the same step
-        state.stop = state.stop or requested
-
-
-_SCOPED_HOOKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
-    "virtex_scoped_train_hooks", default=())
-
-
-@contextlib.contextmanager
-def training_hooks(*hooks: Any) -> Iterator[None]:
-    """Add ``hooks`` to every :meth:`Trainer.fit` run inside this block (in this thread),
-    nested trainers included: how a launcher hands the trainers of a run its
-    :class:`StopRequest`."""
-    token = _SCOPED_HOOKS.set((*_SCOPED_HOOKS.get(), *hooks))
-    try:
-        yield
-    finally:
-        _SCOPED_HOOKS.reset(token)
-
-
-def _call(hooks: Sequence[Any], point: str, *args: Any) -> None:
-    for hook in hooks:
-        method = getattr(hook, point, None)
-        if method is not None:
-            method(*args)
 
 
 class Lookahead:
@@ -329,63 +264,6 @@ def _mine(per_rank: list[Any], rank: int) -> Any:
     return per_rank[rank] if rank < len(per_rank) else per_rank[0]
 
 
-class LogProgress(Hook):
-    """Periodic logging: losses, learning rates and images/s every ``every`` steps (and at
-    the last), to the run's logs; a progress bar on rank 0 when stderr is a terminal."""
-
-    def __init__(self, ctx: Context, max_steps: int, batch_size: int, every: int,
-                 prefix: str = ""):
-        self.ctx, self.max_steps, self.batch_size = ctx, max_steps, batch_size
-        self.every, self.prefix, self.bar = every, prefix, None
-
-    def on_train_start(self, state: TrainState) -> None:
-        if self.ctx.rank == 0 and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.max_steps, initial=state.step, desc="train",
-                            dynamic_ncols=True)
-        self.seen, self.t0 = 0, time.perf_counter()
-
-    def after_step(self, state: TrainState, out: dict[str, Any]) -> None:
-        self.seen += self.batch_size
-        if state.step % self.every == 0 or state.step == self.max_steps:
-            losses = {f"loss/{k}": dist.mean(v.float()).item() for k, v in out["losses"].items()}
-            total = float(state.loss.item())  # type: ignore[union-attr]
-            rate = self.seen / (time.perf_counter() - self.t0)
-            metrics = {"loss/total": total, **losses, "throughput/images_per_s": rate}
-            for group in state.optimizer.param_groups:
-                metrics[f"lr/{group['name']}"] = group["lr"]
-            self.ctx.log({f"{self.prefix}{k}": v for k, v in metrics.items()}, state.step)
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{total:.4f}")
-            else:
-                self.ctx.info(f"step {state.step}/{self.max_steps} loss {total:.4f} "
-                              f"({rate:.1f} img/s)")
-            self.seen, self.t0 = 0, time.perf_counter()
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def on_train_end(self, state: TrainState) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class Checkpoints(Hook):
-    """Checkpointing: writes ``state.state_dict()`` to ``directory`` (rank 0) and prunes
-    the older files (see :func:`virtex.checkpoint.prune`)."""
-
-    def __init__(self, directory: Path, rank: int, keep_last: int, keep_every: int | None):
-        self.directory, self.rank = directory, rank
-        self.keep_last, self.keep_every = keep_last, keep_every
-
-    def on_checkpoint(self, state: TrainState) -> None:
-        saved = state.state_dict()
-        if self.rank == 0:
-            checkpoint.save(saved, self.directory, state.step)
-            checkpoint.prune(self.directory, self.keep_last, self.keep_every)
-        dist.barrier()
-
-
 @gin.configurable("trainer")
 @checked_as("trainer")
 class Trainer:
@@ -399,7 +277,7 @@ class Trainer:
     (the captioning plugin's ``train_hooks.sample_captions``).
     On CPU the training process uses ``cpu_threads`` threads (default: the cores
     left over by the ``num_workers`` loader processes, at least one).
-    ``hooks``: more training hooks (see :class:`Hook`), after the built-in ones.
+    ``hooks``: more training hooks (see :class:`virtex.train_hooks.Hook`), after the built-in ones.
 
     ``no_decay`` chooses the parameters without weight decay (:func:`no_weight_decay`:
     ``'virtex'``, the original's rule, or ``'norm_bias'``); ``warmup_start`` the first
@@ -518,13 +396,13 @@ class Trainer:
         ctx.step = state.step
 
     def default_hooks(self, ctx: Context, ckpt_dir: Path) -> list[Any]:
-        """Checkpointing, logging, the hooks in scope (:func:`training_hooks`, e.g. a
-        :class:`StopRequest`), then the hook of every registered ``train_hooks`` factory
+        """Checkpointing, logging, the hooks in scope (:func:`~virtex.train_hooks.training_hooks`,
+        e.g. a :class:`~virtex.train_hooks.StopRequest`), then the hook of every registered ``train_hooks`` factory
         (called as ``factory(trainer, ctx)``; None: no hook for this trainer)."""
         hooks = [Checkpoints(ckpt_dir, ctx.rank, self.keep_last, self.keep_every),
                  LogProgress(ctx, self.max_steps, self.batch_size, self.log_every,
                              self.log_prefix),
-                 *_SCOPED_HOOKS.get()]
+                 *scoped_hooks()]
         for component in get_registry().components("train_hooks"):
             hook = component.factory(self, ctx)
             if hook is not None:
@@ -578,18 +456,18 @@ class Trainer:
             return model
         hooks = [*self.default_hooks(ctx, ckpt_dir), *self.hooks, *hooks]
         train_model = self.wrap(model, ctx)
-        _call(hooks, "on_train_start", state)
+        call_hooks(hooks, "on_train_start", state)
         model.train()
         for batch in source.batches(ctx.seed, state.step, ctx.rank, ctx.world_size):
             out = self.train_step(state, train_model, batch, ctx)
-            _call(hooks, "after_step", state, out)
+            call_hooks(hooks, "after_step", state, out)
             if (state.step % self.checkpoint_every == 0 or state.step == self.max_steps
                     or state.stop):
-                _call(hooks, "on_checkpoint", state)
+                call_hooks(hooks, "on_checkpoint", state)
             if state.stop and state.step < self.max_steps:
                 ctx.info(f"stop requested: checkpoint saved at step {state.step}")
                 raise Preempted(state.step)
             if state.step >= self.max_steps:
                 break
-        _call(hooks, "on_train_end", state)
+        call_hooks(hooks, "on_train_end", state)
         return model

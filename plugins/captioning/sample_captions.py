@@ -8,8 +8,9 @@ from torch.utils.data import Dataset
 
 from virtex.context import Context
 from virtex.data.source import SampleSeeded
-from virtex.engine import Hook, Trainer, TrainState
+from virtex.engine import Trainer, TrainState
 from virtex.evaluation.caption_model import is_captioning_model
+from virtex.train_hooks import Hook
 
 
 class SampleCaptions(Hook):
