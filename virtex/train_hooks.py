@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 
 class Hook:
-    """A training hook. :meth:`~virtex.engine.Trainer.fit` calls, on every rank and in the order of its
-    hooks, ``on_train_start(state)`` once before the first step (after resuming),
+    """A training hook. :meth:`~virtex.engine.Trainer.fit` calls, on every rank and in the
+    order of its hooks, ``on_train_start(state)`` once before the first step (after resuming),
     ``after_step(state, out)`` after every optimizer step (``state.step`` already counts
     it; ``out`` is the task's output), ``on_checkpoint(state)`` at every checkpoint step
     (the built-in :class:`Checkpoints` hook writes the file first) and
@@ -70,8 +70,8 @@ _SCOPED_HOOKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def training_hooks(*hooks: Any) -> Iterator[None]:
-    """Add ``hooks`` to every :meth:`~virtex.engine.Trainer.fit` run inside this block (in this thread),
-    nested trainers included: how a launcher hands the trainers of a run its
+    """Add ``hooks`` to every :meth:`~virtex.engine.Trainer.fit` run inside this block (in
+    this thread), nested trainers included: how a launcher hands the trainers of a run its
     :class:`StopRequest`."""
     token = _SCOPED_HOOKS.set((*_SCOPED_HOOKS.get(), *hooks))
     try:
