@@ -66,7 +66,8 @@ class Recorder(Hook):
         self.calls.append(("on_train_start", state.step, isinstance(state, TrainState)))
 
     def after_step(self, state, out):
-        self.calls.append(("after_step", state.step, float(out["loss"].detach()) == float(state.loss)))
+        same = float(out["loss"].detach()) == float(state.loss)  # one process: the same loss
+        self.calls.append(("after_step", state.step, same))
 
     def on_checkpoint(self, state):
         written = [p.name for p in list_checkpoints(self.ckpt_dir)] if self.ckpt_dir else []

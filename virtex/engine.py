@@ -396,9 +396,11 @@ class Trainer:
         ctx.step = state.step
 
     def default_hooks(self, ctx: Context, ckpt_dir: Path) -> list[Any]:
-        """Checkpointing, logging, the hooks in scope (:func:`~virtex.train_hooks.training_hooks`,
-        e.g. a :class:`~virtex.train_hooks.StopRequest`), then the hook of every registered ``train_hooks`` factory
-        (called as ``factory(trainer, ctx)``; None: no hook for this trainer)."""
+        """Checkpointing, logging, the hooks in scope
+        (:func:`~virtex.train_hooks.training_hooks`, e.g. a
+        :class:`~virtex.train_hooks.StopRequest`), then the hook of every registered
+        ``train_hooks`` factory (called as ``factory(trainer, ctx)``; None: no hook for this
+        trainer)."""
         hooks = [Checkpoints(ckpt_dir, ctx.rank, self.keep_last, self.keep_every),
                  LogProgress(ctx, self.max_steps, self.batch_size, self.log_every,
                              self.log_prefix),
