@@ -10,8 +10,9 @@ Pre-emption and time limits: SLURM sends USR2 ``signal_delay_s`` before the
 limit (or on ``scancel --signal=USR2``); submitit's handler calls
 :meth:`SlurmTask.checkpoint` in the main thread, then requeues the job and exits.
 The run itself is in a second thread, so ``checkpoint()`` can ask the trainer to
-stop (``request_stop``) and wait while it saves at the step boundary; the
-requeued job resumes from that checkpoint (the runner always resumes).
+stop (the :class:`~virtex.train_hooks.StopRequest` hook the run's trainers get) and wait while
+it saves at the step boundary; the requeued job resumes from that checkpoint (the runner
+always resumes).
 """
 
 from __future__ import annotations
@@ -273,6 +274,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, float]:
         from virtex.engine import Preempted
         from virtex.runner import own_run_dir, run_job
+        from virtex.train_hooks import StopRequest, training_hooks
 
         env = submitit.JobEnvironment()
         _only_this_process_checkpoints(env)
@@ -283,10 +285,12 @@ class SlurmTask(submitit.helpers.Checkpointable):
             if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
                 local_rank = 0  # the cluster binds one GPU to each task
         outcome: dict[str, Any] = {}
+        self._stop = StopRequest()  # every rank's trainers check it (a collective)
 
         def target() -> None:
             try:  # rank 0 owns the run directory; a requeued job is the same SLURM job
-                with own_run_dir(self.job) if rank == 0 else contextlib.nullcontext():
+                with own_run_dir(self.job) if rank == 0 else contextlib.nullcontext(), \
+                        training_hooks(self._stop):
                     outcome["metrics"] = run_job(self.job, rank, world_size, local_rank,
                                                  env.hostnames[0], _port(env.raw_job_id))
             except BaseException as exc:  # handed to the main thread
@@ -315,9 +319,9 @@ class SlurmTask(submitit.helpers.Checkpointable):
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on SLURM's signal (rank 0): save at the next step, then requeue."""
-        from virtex.engine import request_stop
-
-        request_stop()
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.request()
         # submitit calls this on the very object it is running (its DelayedSubmission's function)
         thread = getattr(self, "_thread", None)
         if thread is not None and thread.is_alive():

@@ -21,8 +21,8 @@ from virtex.data.readers import (
     read_inat,
     read_voc_classification,
 )
+from virtex.data.source import SampleSeeded
 from virtex.data.tokenizer import SentencePieceTokenizer, build_vocab
-from virtex.engine import SampleSeeded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

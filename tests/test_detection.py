@@ -24,7 +24,11 @@ from virtex.plugins.detection.datasets import (
 )
 from virtex.plugins.detection.evaluate import Prediction, voc_ap11, voc_metrics
 from virtex.plugins.detection.settings import DetectionSettings
-from virtex.plugins.detection.torchvision_backend import RepeatFactorSampler, build_detector
+from virtex.plugins.detection.torchvision_backend import (
+    RepeatFactorSampler,
+    RepeatFactorSource,
+    build_detector,
+)
 
 from virtex.checkpoint import list_checkpoints
 from virtex.models.visual import ResNetBackbone
@@ -167,6 +171,26 @@ def test_repeat_factor_sampler_is_resumable_and_repeats_rare_images():
     assert counts[3] > 2 * counts[0] and counts[2] > counts[0]
     ranks = [list(RepeatFactorSampler(factors, 2, k, 2, 3, 0, 40)) for k in range(2)]
     assert [a + b for a, b in zip(*ranks)] == full  # the two ranks split each global batch
+
+
+def test_repeat_factor_source_gives_the_batches_of_the_code_before_the_public_contract():
+    class Factors:  # a dataset with repeat factors, as DetectionDataset has
+        repeat_factors = np.array([1.0, 1.0, 1.5, 3.0, 1.5, 2.25])
+
+        def __len__(self):
+            return 6
+
+    # indices of RepeatFactorSampler(factors, 4, 0, 1, seed=11, 0, 12) computed by the
+    # code that overrode the engine's private Trainer._sampler / StepBatchSampler._index
+    old = [[2, 3, 5, 2], [1, 3, 0, 3], [4, 5, 3, 0], [3, 5, 1, 3], [5, 5, 4, 2], [3, 3, 4, 5],
+           [3, 2, 1, 4], [5, 0, 1, 2], [3, 3, 4, 5], [2, 0, 5, 4], [3, 5, 3, 3], [3, 2, 1, 2]]
+    source = RepeatFactorSource(Factors(), 4, 12)
+    keys = list(source.sampler(11, 0, 0, 1))
+    assert [[i for i, _ in b] for b in keys] == old
+    assert [b[0][1] for b in keys[:3]] == [23622332462, 23622364138, 23622395814]
+    assert list(source.sampler(11, 7, 0, 1)) == keys[7:]
+    halves = [list(source.sampler(11, 0, k, 2)) for k in range(2)]
+    assert [a + b for a, b in zip(*halves)] == keys
 
 
 # ----------------------------------------------------------------------------- weights

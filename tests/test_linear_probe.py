@@ -10,7 +10,7 @@ import torch
 from cli import run_cli
 from virtex.plugins import classification
 
-from virtex import engine
+from virtex import engine, train_hooks
 from virtex.context import RunLogger
 from virtex.data.datasets import ImageClassificationDataset
 from virtex.data.readers import read_image_folder
@@ -80,20 +80,17 @@ def test_resume_after_preemption_matches_an_uninterrupted_run(shapes_root, tmp_p
     root = shapes_root / "imagenet"
     assert main(_args(root, tmp_path / "ref", *params)) == 0
 
-    real_forward, calls = classification.LinearProbe.forward, []
+    real_forward, calls, stop = classification.LinearProbe.forward, [], train_hooks.StopRequest()
 
     def forward(self, batch):  # a pre-emption signal arriving during step 5
         calls.append(1)
         if len(calls) == 5:
-            engine.request_stop()
+            stop.request()
         return real_forward(self, batch)
 
     monkeypatch.setattr(classification.LinearProbe, "forward", forward)
-    try:
-        with pytest.raises(engine.Preempted):
-            main(_args(root, tmp_path / "cut", *params))
-    finally:
-        engine._STOP.clear()
+    with pytest.raises(engine.Preempted), train_hooks.training_hooks(stop):
+        main(_args(root, tmp_path / "cut", *params))
     assert [p.name for p in (tmp_path / "cut" / "linear").glob("*/*.pt")] == ["step_0000005.pt"]
     monkeypatch.setattr(classification.LinearProbe, "forward", real_forward)
     assert main(_args(root, tmp_path / "cut", *params)) == 0

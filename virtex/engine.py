@@ -1,8 +1,13 @@
 """The training engine: deterministic data order, exact resume, DDP, AMP.
 
-Exact resume rests on two rules: the batch of step ``s`` is a pure function of
-``(seed, s)`` (see :class:`StepBatchSampler`), and every other source of
-randomness (the RNG states of every process) is saved in the checkpoint.
+:meth:`Trainer.fit` is a short loop over public parts: a :class:`TrainState` (model,
+optimizer, GradScaler, Lookahead, step, every RNG; one ``state_dict``), a data source
+(:mod:`virtex.data.source`) and hooks (:mod:`virtex.train_hooks`) called at documented
+points (logging, checkpointing, the stop request and plugins' hooks: sample captions).
+
+Exact resume rests on two rules: the batch of step ``s`` is a function of ``(seed, s)``
+(:class:`~virtex.data.source.StepBatchSampler`; a stream saves its position), and every
+other source of randomness (the RNG states of every process) is saved in the checkpoint.
 """
 
 from __future__ import annotations
@@ -11,10 +16,8 @@ import math
 import os
 import random
 import re
-import sys
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +25,7 @@ import gin
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from virtex import checkpoint, contracts, dist
 from virtex.checks import (
@@ -34,87 +37,14 @@ from virtex.checks import (
     checked_as,
 )
 from virtex.context import Context
-from virtex.data.loader import data_loader
+from virtex.data.source import DataSource, MapSource
 from virtex.errors import UserError
-from virtex.evaluation.api import inference, is_captioning_model
+from virtex.registry import get_registry
+from virtex.train_hooks import Checkpoints, LogProgress, call_hooks, scoped_hooks
 
 
 class Preempted(Exception):
     """Raised by :meth:`Trainer.fit` after it saved a checkpoint because a stop was requested."""
-
-
-_STOP = threading.Event()
-
-
-def request_stop() -> None:
-    """Ask a running :meth:`Trainer.fit` to checkpoint at the next step and raise
-    :class:`Preempted` (for launchers handling SLURM's pre-emption signal)."""
-    _STOP.set()
-
-
-class SampleSeeded(Dataset):
-    """Seeds every RNG from the key before each sample, so augmentation is reproducible."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        if torch.utils.data.get_worker_info() is not None:  # a worker: its RNGs are its own
-            return self._seeded(index, seed)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):  # the main process keeps its RNG streams
-            try:
-                return self._seeded(index, seed)
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
-
-    def _seeded(self, index: int, seed: int) -> Any:
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        return self.dataset[index]
-
-
-class StepBatchSampler:
-    """This rank's share of the global batch of every step in ``[start_step, max_steps)``.
-
-    Sample position ``p = step * batch + j`` falls in epoch ``p // len(dataset)``,
-    whose order is a permutation seeded by ``(seed, epoch)``; the per-sample
-    augmentation seed is a function of ``(seed, p)``. Nothing depends on how
-    many workers load the data or on where a run was resumed.
-    """
-
-    def __init__(self, size: int, global_batch: int, rank: int, world_size: int,
-                 seed: int, start_step: int, max_steps: int):
-        if global_batch % world_size:
-            raise ValueError(f"batch_size {global_batch} is not divisible by {world_size} processes")
-        self.size, self.batch, self.rank = size, global_batch, rank
-        self.local = global_batch // world_size
-        self.seed, self.start_step, self.max_steps = seed, start_step, max_steps
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def _index(self, position: int) -> int:
-        epoch = position // self.size
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.size, generator=g))
-        return int(self._perm[1][position % self.size])
-
-    def _sample_seed(self, position: int) -> int:
-        return (self.seed * 2_147_483_647 + position * 7919 + 12345) % (2**62)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for step in range(self.start_step, self.max_steps):
-            first = step * self.batch + self.rank * self.local
-            yield [(self._index(p), self._sample_seed(p)) for p in range(first, first + self.local)]
-
-    def __len__(self) -> int:
-        return max(0, self.max_steps - self.start_step)
 
 
 class Lookahead:
@@ -276,16 +206,79 @@ def _to_device(batch: Any, device: torch.device, channels_last: bool) -> Any:
     return batch
 
 
+@dataclass(eq=False)
+class TrainState:
+    """Everything a checkpoint holds: model, optimizer, GradScaler, Lookahead, step, the
+    RNGs of every rank and, for a data source with ``state_dict``, its position.
+
+    :meth:`state_dict` is a collective (every rank gathers its RNG states, and its data
+    position, to all); the result is the checkpoint rank 0 writes.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lookahead: Lookahead | None = None
+    data: Any = None  # the data source: its position is saved if it has ``state_dict``
+    step: int = 0
+    rank: int = 0
+    stop: bool = False  # a stop was requested: checkpoint at this step, then Preempted
+    loss: torch.Tensor | None = None  # the global-batch loss of the last step
+    output_checked: bool = False  # the task's first output fit the contract
+    base_lrs: list[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else {},
+            "step": self.step,
+            "rng": dist.gather_objects(_rng_state()),
+        }
+        if hasattr(self.data, "state_dict"):
+            state["data"] = dist.gather_objects(self.data.state_dict())
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is not None:  # what a loader checks its vocabulary against
+            state["vocab"] = tokenizer.describe()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], where: str = "checkpoint") -> None:
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is not None and "vocab" in state:
+            tokenizer.check_fits(state["vocab"], where)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.lookahead is not None and state.get("lookahead"):
+            self.lookahead.load_state_dict(state["lookahead"])
+        self.step = int(state["step"])
+        _set_rng_state(_mine(state["rng"], self.rank))
+        if "data" in state and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(_mine(state["data"], self.rank))
+
+
+def _mine(per_rank: list[Any], rank: int) -> Any:
+    return per_rank[rank] if rank < len(per_rank) else per_rank[0]
+
+
 @gin.configurable("trainer")
 @checked_as("trainer")
 class Trainer:
     """Pretrains a task model; checkpoints are written to ``run_dir/checkpoints``.
 
+    ``dataset``: a map-style dataset (trained through :class:`MapSource`) or a
+    :class:`~virtex.data.source.DataSource` whose ``batch_size`` equals ``batch_size``.
     ``log_prefix`` prefixes the logged names (for trainers run inside evaluators).
     With ``sample_dataset`` (e.g. COCO val2017 with the eval transform), a captioning
-    model captions its first ``num_samples`` images at every checkpoint, to tensorboard.
+    model captions its first ``num_samples`` images at every checkpoint, to tensorboard
+    (the captioning plugin's ``train_hooks.sample_captions``).
     On CPU the training process uses ``cpu_threads`` threads (default: the cores
     left over by the ``num_workers`` loader processes, at least one).
+    ``hooks``: more training hooks (see :class:`virtex.train_hooks.Hook`), after the built-in ones.
 
     ``no_decay`` chooses the parameters without weight decay (:func:`no_weight_decay`:
     ``'virtex'``, the original's rule, or ``'norm_bias'``); ``warmup_start`` the first
@@ -297,7 +290,7 @@ class Trainer:
 
     def __init__(
         self,
-        dataset: Dataset = gin.REQUIRED,
+        dataset: Dataset | DataSource = gin.REQUIRED,
         batch_size: PositiveInt = 256,
         max_steps: PositiveInt = 500_000,
         optimizer: Literal["sgd", "adamw"] = "sgd",
@@ -329,6 +322,7 @@ class Trainer:
         log_prefix: str = "",
         sample_dataset: Dataset | None = None,
         num_samples: NonNegativeInt = 4,
+        hooks: Sequence[Any] = (),
     ):
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"trainer.optimizer: unknown '{optimizer}', expected sgd or adamw")
@@ -339,7 +333,7 @@ class Trainer:
         lr_multiplier(0, warmup_steps, max_steps, schedule, tuple(milestones), gamma,
                       warmup_start)
         self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
-        self.milestones = tuple(milestones)
+        self.milestones, self.hooks = tuple(milestones), list(hooks)
 
     def lr_multiplier(self, step: int) -> float:
         """The learning-rate factor of the step after ``step`` optimizer steps (the
@@ -347,7 +341,13 @@ class Trainer:
         return lr_multiplier(step, self.warmup_steps, self.max_steps, self.schedule,
                              self.milestones, self.gamma, self.warmup_start)
 
-    # -- construction -----------------------------------------------------------------
+    def amp_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype on ``device``: None (float32) for fp16 on a non-CUDA device."""
+        if self.amp == "fp16" and device.type != "cuda":
+            return None
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.amp or "")
+
+    # -- the named parts of fit -------------------------------------------------------
     def _optimizer(self, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
         groups = param_groups(model, self.lr, self.backbone_lr, self.weight_decay,
                               self.no_decay)
@@ -357,170 +357,124 @@ class Trainer:
                                    nesterov=self.nesterov, fused=fused or None)
         return torch.optim.AdamW(groups, lr=self.lr, fused=fused or None)
 
-    def amp_dtype(self, device: torch.device) -> torch.dtype | None:
-        """The autocast dtype on ``device``: None (float32) for fp16 on a non-CUDA device."""
-        if self.amp == "fp16" and device.type != "cuda":
-            return None
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.amp or "")
-
-    def _sampler(self, ctx: Context, start_step: int) -> StepBatchSampler:
-        """This process's batches from ``start_step`` on (subclasses may sample otherwise)."""
-        return StepBatchSampler(len(self.dataset), self.batch_size, ctx.rank, ctx.world_size,
-                                ctx.seed, start_step, self.max_steps)
-
-    def _loader(self, ctx: Context, start_step: int) -> DataLoader:
-        workers = self.num_workers
-        return data_loader(
-            SampleSeeded(self.dataset),
-            batch_sampler=self._sampler(ctx, start_step),
-            num_workers=workers,
-            collate_fn=getattr(self.dataset, "collate_fn", None),
-            pin_memory=ctx.device.type == "cuda",
-            persistent_workers=False,
-            # its own generator: the loader must not draw from the global RNG, whose
-            # state (dropout, masking) is restored exactly on resume
-            generator=torch.Generator().manual_seed(ctx.seed),
-            prefetch_factor=4 if workers > 0 else None,
-        )
-
-    def _log_samples(self, model: nn.Module, ctx: Context, step: int) -> None:
-        """Caption fixed images to tensorboard (beam search: no RNG is drawn)."""
-        if self.sample_dataset is None or not is_captioning_model(model):
-            return
-        items = [SampleSeeded(self.sample_dataset)[(i, i)]
-                 for i in range(min(self.num_samples, len(self.sample_dataset)))]
-        images = torch.stack([item["image"] for item in items]).to(ctx.device)
-        with inference(model):
-            tokens = model.generate(images, method="beam", beam_size=5, decoder="paper")
-        lines = [f"{int(item.get('image_id', i))}: {model.tokenizer.decode(t)}"
-                 for i, (item, t) in enumerate(zip(items, tokens))]
-        ctx.logger.text(f"{self.log_prefix}captions/samples", "  \n".join(lines), step)
-
-    # -- the loop ---------------------------------------------------------------------
-    def fit(self, model: nn.Module, ctx: Context, ckpt_dir: Path | None = None) -> nn.Module:
-        """Train ``model`` to ``max_steps``, resuming from the newest checkpoint in
-        ``ckpt_dir`` (default ``run_dir/checkpoints``) if there is one."""
-        device = ctx.device
+    def source(self, ctx: Context) -> DataSource:
+        """The data source: ``dataset`` itself if it is one, else a :class:`MapSource`."""
         if self.batch_size % ctx.world_size:
             raise UserError(f"trainer.batch_size = {self.batch_size} is not divisible by the "
                             f"{ctx.world_size} processes of this run (--gpus x --nodes)")
-        if device.type == "cpu":  # loader workers take cores too: do not oversubscribe
+        if not isinstance(self.dataset, DataSource):
+            return MapSource(self.dataset, self.batch_size, self.max_steps, self.num_workers,
+                             pin_memory=ctx.device.type == "cuda")
+        if self.dataset.batch_size != self.batch_size:
+            raise UserError(f"trainer.batch_size = {self.batch_size}, but the data source "
+                            f"{type(self.dataset).__name__} yields global batches of "
+                            f"{self.dataset.batch_size}: bind both to the same value")
+        return self.dataset
+
+    def state(self, model: nn.Module, ctx: Context, source: Any = None) -> TrainState:
+        """A fresh train state: ``model`` on ``ctx.device``, its optimizer, scaler, Lookahead."""
+        if ctx.device.type == "cpu":  # loader workers take cores too: do not oversubscribe
             cores = (os.cpu_count() or 1) // max(1, ctx.world_size)
             torch.set_num_threads(self.cpu_threads or max(1, cores - self.num_workers))
-        model.to(device)
+        model.to(ctx.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        optimizer = self._optimizer(model, device)
-        base_lrs = [g["lr"] for g in optimizer.param_groups]
+        optimizer = self._optimizer(model, ctx.device)
         lookahead = Lookahead([p for g in optimizer.param_groups for p in g["params"]],
                               self.lookahead_alpha, self.lookahead_k) if self.lookahead else None
-        autocast_dtype = self.amp_dtype(device)
-        scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-        ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else ctx.run_dir / "checkpoints"
+        fp16 = self.amp_dtype(ctx.device) == torch.float16
+        return TrainState(model, optimizer, torch.amp.GradScaler(ctx.device.type, enabled=fp16),
+                          lookahead, source, rank=ctx.rank)
 
-        step = 0
-        tokenizer = getattr(model, "tokenizer", None)
-        latest = checkpoint.load_latest(ckpt_dir, map_location=device)
+    def resume(self, state: TrainState, ckpt_dir: Path, ctx: Context) -> None:
+        """Load the newest checkpoint of ``ckpt_dir`` into ``state`` (if there is one)."""
+        latest = checkpoint.load_latest(ckpt_dir, map_location=ctx.device)
         if latest is not None:
-            path, state = latest
-            if tokenizer is not None and "vocab" in state:
-                tokenizer.check_fits(state["vocab"], f"checkpoint '{path}'")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            if lookahead is not None and state.get("lookahead"):
-                lookahead.load_state_dict(state["lookahead"])
-            step = int(state["step"])
-            rngs = state["rng"]
-            _set_rng_state(rngs[ctx.rank] if ctx.rank < len(rngs) else rngs[0])
-            ctx.info(f"resumed from {path} at step {step}")
-        ctx.logger.rewind(step)  # a run killed before its first checkpoint starts over
-        ctx.step = step
-        if step >= self.max_steps:
-            ctx.info(f"training already finished ({step} steps)")
-            return model
+            path, saved = latest
+            state.load_state_dict(saved, f"checkpoint '{path}'")
+            ctx.info(f"resumed from {path} at step {state.step}")
+        ctx.logger.rewind(state.step)  # a run killed before its first checkpoint starts over
+        ctx.step = state.step
 
-        train_model: nn.Module = model
+    def default_hooks(self, ctx: Context, ckpt_dir: Path) -> list[Any]:
+        """Checkpointing, logging, the hooks in scope
+        (:func:`~virtex.train_hooks.training_hooks`, e.g. a
+        :class:`~virtex.train_hooks.StopRequest`), then the hook of every registered
+        ``train_hooks`` factory (called as ``factory(trainer, ctx)``; None: no hook for this
+        trainer)."""
+        hooks = [Checkpoints(ckpt_dir, ctx.rank, self.keep_last, self.keep_every),
+                 LogProgress(ctx, self.max_steps, self.batch_size, self.log_every,
+                             self.log_prefix),
+                 *scoped_hooks()]
+        for component in get_registry().components("train_hooks"):
+            hook = component.factory(self, ctx)
+            if hook is not None:
+                hooks.append(hook)
+        return hooks
+
+    def wrap(self, model: nn.Module, ctx: Context) -> nn.Module:
+        """The module that runs the forward pass: DDP with several processes, compiled."""
         if ctx.world_size > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if self.compile:
-            train_model = torch.compile(train_model)  # type: ignore[assignment]
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return torch.compile(model) if self.compile else model  # type: ignore[return-value]
 
-        def save(at: int) -> None:
-            rngs = dist.gather_objects(_rng_state())
-            if ctx.rank == 0:
-                state = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "lookahead": lookahead.state_dict() if lookahead is not None else {},
-                    "step": at,
-                    "rng": rngs,
-                }
-                if tokenizer is not None:  # what a loader checks its vocabulary against
-                    state["vocab"] = tokenizer.describe()
-                checkpoint.save(state, ckpt_dir, at)
-                checkpoint.prune(ckpt_dir, self.keep_last, self.keep_every)
-            dist.barrier()
+    def train_step(self, state: TrainState, train_model: nn.Module, batch: Any,
+                   ctx: Context) -> dict[str, Any]:
+        """One optimizer step on ``batch``; returns the task's output."""
+        mult = self.lr_multiplier(state.step)
+        for group, base in zip(state.optimizer.param_groups, state.base_lrs):
+            group["lr"] = base * mult
+        batch = _to_device(batch, ctx.device, self.channels_last)
+        dtype = self.amp_dtype(ctx.device)
+        with torch.autocast(ctx.device.type, dtype=dtype or torch.float32,
+                            enabled=dtype is not None):
+            out = train_model(batch)
+        if not state.output_checked:  # what the task returns is known only now: checked once
+            contracts.check_task_output(out, contracts.label_of(
+                state.model, f"the model being trained ({type(state.model).__name__})"))
+            state.output_checked = True
+        state.loss, scaled = _global_mean(out["loss"], out.get("weight"), ctx.world_size)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(scaled).backward()
+        if self.clip_grad_norm:
+            state.scaler.unscale_(state.optimizer)
+            nn.utils.clip_grad_norm_(state.model.parameters(), self.clip_grad_norm)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        if state.lookahead is not None:
+            state.lookahead.update()
+        state.step += 1
+        ctx.step = state.step
+        return out
 
-        bar = None
-        if ctx.rank == 0 and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    # -- the loop ---------------------------------------------------------------------
+    def fit(self, model: nn.Module, ctx: Context, ckpt_dir: Path | None = None,
+            hooks: Sequence[Any] = ()) -> nn.Module:
+        """Train ``model`` to ``max_steps``, resuming from the newest checkpoint in
+        ``ckpt_dir`` (default ``run_dir/checkpoints``) if there is one. Hooks: the
+        :meth:`default_hooks`, the trainer's ``hooks``, then ``hooks``."""
+        ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else ctx.run_dir / "checkpoints"
+        source = self.source(ctx)
+        state = self.state(model, ctx, source)
+        self.resume(state, ckpt_dir, ctx)
+        if state.step >= self.max_steps:
+            ctx.info(f"training already finished ({state.step} steps)")
+            return model
+        hooks = [*self.default_hooks(ctx, ckpt_dir), *self.hooks, *hooks]
+        train_model = self.wrap(model, ctx)
+        call_hooks(hooks, "on_train_start", state)
         model.train()
-        seen, t0, first = 0, time.perf_counter(), True
-        for batch in self._loader(ctx, step):
-            mult = self.lr_multiplier(step)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * mult
-            batch = _to_device(batch, device, self.channels_last)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
-                out = train_model(batch)
-            if first:  # what the task returns is known only now: checked once
-                contracts.check_task_output(out, contracts.label_of(
-                    model, f"the model being trained ({type(model).__name__})"))
-                first = False
-            loss, scaled = _global_mean(out["loss"], out.get("weight"), ctx.world_size)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(scaled).backward()
-            if self.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            if lookahead is not None:
-                lookahead.update()
-            step += 1
-            ctx.step = step
-            seen += self.batch_size
-
-            if step % self.log_every == 0 or step == self.max_steps:
-                losses = {f"loss/{k}": dist.mean(v.float()).item() for k, v in out["losses"].items()}
-                total = loss.item()
-                elapsed = time.perf_counter() - t0
-                metrics = {"loss/total": total, **losses, "throughput/images_per_s": seen / elapsed}
-                for group in optimizer.param_groups:
-                    metrics[f"lr/{group['name']}"] = group["lr"]
-                ctx.log({f"{self.log_prefix}{k}": v for k, v in metrics.items()}, step)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{total:.4f}")
-                else:
-                    ctx.info(f"step {step}/{self.max_steps} loss {total:.4f} "
-                             f"({seen / elapsed:.1f} img/s)")
-                seen, t0 = 0, time.perf_counter()
-            if bar is not None:
-                bar.update(1)
-            stop = dist.any_true(_STOP.is_set())  # every rank stops at the same step
-            if step % self.checkpoint_every == 0 or step == self.max_steps or stop:
-                save(step)
-                if ctx.rank == 0:
-                    self._log_samples(model, ctx, step)
-            if stop and step < self.max_steps:
-                ctx.info(f"stop requested: checkpoint saved at step {step}")
-                raise Preempted(step)
-        if bar is not None:
-            bar.close()
+        for batch in source.batches(ctx.seed, state.step, ctx.rank, ctx.world_size):
+            out = self.train_step(state, train_model, batch, ctx)
+            call_hooks(hooks, "after_step", state, out)
+            if (state.step % self.checkpoint_every == 0 or state.step == self.max_steps
+                    or state.stop):
+                call_hooks(hooks, "on_checkpoint", state)
+            if state.stop and state.step < self.max_steps:
+                ctx.info(f"stop requested: checkpoint saved at step {state.step}")
+                raise Preempted(state.step)
+            if state.step >= self.max_steps:
+                break
+        call_hooks(hooks, "on_train_end", state)
         return model

@@ -100,5 +100,12 @@ def virtex_launchers() -> Factories:
 
 
 @hookspec
+def virtex_train_hooks() -> Factories:
+    """Training hooks: ``factory(trainer, ctx)`` returns a hook for that
+    :class:`virtex.engine.Trainer` (see :class:`virtex.engine.Hook`) or None. Every
+    registered factory is called at the start of every ``Trainer.fit``."""
+
+
+@hookspec
 def virtex_spec_dirs() -> Iterable[str | Path]:
     """Directories whose ``.gin`` files become runnable by their relative name."""

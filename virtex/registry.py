@@ -37,6 +37,7 @@ KINDS = (
     "transforms",
     "evaluators",
     "launchers",
+    "train_hooks",
 )
 
 # (kind, name) -> (original factory, gin-configurable factory); gin allows a

@@ -5,6 +5,8 @@
   CIDEr and SPICE (specs/downstream/captioning.gin).
 - ``evaluators.caption_folder``: ``captions.json`` and an HTML gallery for every image of a
   folder (specs/inference/caption_folder.gin).
+- ``train_hooks.sample_captions``: a pretraining run with ``trainer.sample_dataset`` captions
+  a few of its images at every checkpoint, to tensorboard.
 
 The latter two caption with the run's pretrained model, or build ``model`` (a task factory
 such as ``@tasks.bicaptioning``) and load the run's checkpoint (``experiment.ckpt``) into it.
@@ -43,6 +45,7 @@ from . import caption_metrics
 from .caption_model import ModelSource
 from .captioner import caption_files, list_images
 from .gallery import render_gallery
+from .sample_captions import sample_captions
 
 _WORD = re.compile(r"[a-z]+")
 
@@ -332,3 +335,8 @@ class CaptionJournal:
 def virtex_evaluators() -> dict:
     return {"caption_samples": CaptionSamples, "coco_captioning": CocoCaptioning,
             "caption_folder": CaptionFolder}
+
+
+@hookimpl
+def virtex_train_hooks() -> dict:
+    return {"sample_captions": sample_captions}

@@ -28,7 +28,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from virtex import dist
 from virtex.context import Context
 from virtex.data.loader import data_loader
-from virtex.engine import SampleSeeded, StepBatchSampler, Trainer
+from virtex.data.source import MapSource, StepBatchSampler
+from virtex.engine import Trainer
 from virtex.evaluation.api import EvalRequest, gather, inference, shard
 from virtex.models.visual import RESNETS
 
@@ -164,7 +165,7 @@ class RepeatFactorSampler(StepBatchSampler):
         order = torch.repeat_interleave(torch.arange(len(counts)), counts)
         return order[torch.randperm(len(order), generator=g)]
 
-    def _index(self, position: int) -> int:
+    def index(self, position: int) -> int:
         while len(self._starts) < 2 or position >= self._starts[-1]:
             self._starts.append(self._starts[-1] + int(self._counts(len(self._starts) - 1).sum()))
         epoch = max(e for e, start in enumerate(self._starts[:-1]) if start <= position)
@@ -173,15 +174,22 @@ class RepeatFactorSampler(StepBatchSampler):
         return int(self._epoch[1][position - self._starts[epoch]])
 
 
-class DetectionTrainer(Trainer):
-    """virtex's trainer, with repeat-factor sampling when the dataset has ``repeat_factors``."""
+class RepeatFactorSource(MapSource):
+    """The map-style source over a dataset with ``repeat_factors``, sampled by
+    :class:`RepeatFactorSampler`."""
 
-    def _sampler(self, ctx: Context, start_step: int) -> StepBatchSampler:
-        factors = getattr(self.dataset, "repeat_factors", None)
-        if factors is None:
-            return super()._sampler(ctx, start_step)
-        return RepeatFactorSampler(factors, self.batch_size, ctx.rank, ctx.world_size,
-                                   ctx.seed, start_step, self.max_steps)
+    def sampler(self, seed: int, start_step: int, rank: int, world_size: int) -> StepBatchSampler:
+        return RepeatFactorSampler(self.dataset.repeat_factors, self.batch_size, rank,
+                                   world_size, seed, start_step, self.max_steps)
+
+
+def training_source(dataset: DetectionDataset, s: DetectionSettings, ctx: Context) -> Dataset | MapSource:
+    """Repeat-factor sampling when ``dataset`` has ``repeat_factors``, else ``dataset``
+    (the trainer's own map-style source)."""
+    if getattr(dataset, "repeat_factors", None) is None:
+        return dataset
+    return RepeatFactorSource(dataset, s.batch_size, s.max_steps, s.num_workers,
+                              pin_memory=ctx.device.type == "cuda")
 
 
 @torch.no_grad()
@@ -193,10 +201,8 @@ def precise_bn(task: DetectorTask, dataset: DetectionDataset, s: DetectionSettin
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns or s.precise_bn_iters <= 0:
         return
-    sampler = StepBatchSampler(len(dataset), s.batch_size, ctx.rank, ctx.world_size,
-                               ctx.seed + 1, 0, s.precise_bn_iters)
-    loader = data_loader(SampleSeeded(dataset), batch_sampler=sampler,
-                        num_workers=s.num_workers, collate_fn=dataset.collate_fn)
+    loader = MapSource(dataset, s.batch_size, s.precise_bn_iters, s.num_workers).batches(
+        ctx.seed + 1, 0, ctx.rank, ctx.world_size)
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -261,8 +267,8 @@ def run(ctx: EvalRequest, s: DetectionSettings, train: DetectionData, test: Dete
         detector = sync_batchnorm(detector)
     task = DetectorTask(detector)
     dataset = DetectionDataset(train, with_masks=s.with_masks, repeat_threshold=s.repeat_threshold)
-    trainer = DetectionTrainer(
-        dataset=dataset, batch_size=s.batch_size, max_steps=s.max_steps, optimizer="sgd",
+    trainer = Trainer(
+        dataset=training_source(dataset, s, ctx), batch_size=s.batch_size, max_steps=s.max_steps, optimizer="sgd",
         lr=s.lr, backbone_lr=None, momentum=s.momentum, weight_decay=s.weight_decay,
         warmup_steps=s.warmup_steps, schedule="multistep", milestones=s.milestones, gamma=0.1,
         lookahead=False, clip_grad_norm=None, amp=s.amp, num_workers=s.num_workers,

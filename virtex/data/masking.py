@@ -1,7 +1,7 @@
 """Masked-LM corruption of one caption, as the original VirTex ``MaskedLmDataset`` does it.
 
 Done on the data side with a ``random.Random``-like object (the dataset passes Python's
-global :mod:`random`, which the engine's ``SampleSeeded`` seeds from every sample's seed),
+global :mod:`random`, which ``virtex.data.source.SampleSeeded`` seeds from every sample's seed),
 so a sample's masking is a pure function of its seed: exact resume and any number of
 loader workers give the same batches.
 """
