@@ -129,6 +129,8 @@ def test_every_pretraining_spec_runs_a_few_steps(name, shapes_root, tmp_path, mo
     spec_text = (REPO / "specs" / name).read_text()
     if "textual_size" in spec_text:
         overrides.append("textual_size='L1_H64_A2_F128'")
+    if "shards = %gin.REQUIRED" in spec_text:
+        overrides.append(f"shards={shapes_root}/shards/train-{{00000..00007}}.tar")
     args = [f"specs/{name}", "--run_dir", str(tmp_path / "run")]
     for o in overrides:
         args += ["--gin_param", o]

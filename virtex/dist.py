@@ -74,3 +74,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every process rank ``src``'s parameters and buffers (in place)."""
+    if not is_initialized() or world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src)

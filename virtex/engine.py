@@ -37,7 +37,7 @@ from virtex.checks import (
     checked_as,
 )
 from virtex.context import Context
-from virtex.data.source import DataSource, MapSource
+from virtex.data.source import DataSource, MapSource, StreamingDataset
 from virtex.errors import UserError
 from virtex.registry import get_registry
 from virtex.train_hooks import Checkpoints, LogProgress, call_hooks, scoped_hooks
@@ -358,10 +358,13 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=self.lr, fused=fused or None)
 
     def source(self, ctx: Context) -> DataSource:
-        """The data source: ``dataset`` itself if it is one, else a :class:`MapSource`."""
+        """The data source: ``dataset`` itself if it is one, the one a streaming dataset
+        makes (:class:`~virtex.data.source.StreamingDataset`), else a :class:`MapSource`."""
         if self.batch_size % ctx.world_size:
             raise UserError(f"trainer.batch_size = {self.batch_size} is not divisible by the "
                             f"{ctx.world_size} processes of this run (--gpus x --nodes)")
+        if isinstance(self.dataset, StreamingDataset):
+            return self.dataset.as_source(self.batch_size, self.num_workers)
         if not isinstance(self.dataset, DataSource):
             return MapSource(self.dataset, self.batch_size, self.max_steps, self.num_workers,
                              pin_memory=ctx.device.type == "cuda")
@@ -379,6 +382,9 @@ class Trainer:
         model.to(ctx.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+        # one starting point on every rank before anything copies the weights (Lookahead's
+        # slow weights; DDP would only broadcast them later, at wrap)
+        dist.broadcast_module(model)
         optimizer = self._optimizer(model, ctx.device)
         lookahead = Lookahead([p for g in optimizer.param_groups for p in g["params"]],
                               self.lookahead_alpha, self.lookahead_k) if self.lookahead else None

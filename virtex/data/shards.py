@@ -267,6 +267,10 @@ class CaptionShards(torch.utils.data.IterableDataset):
         self.collate = functools.partial(collate_captions, pad_id=tokenizer.pad_id)
         self.plan: dict[str, Any] = {}
 
+    def as_source(self, batch_size: int, num_workers: int) -> ShardSource:
+        """The trainer's data source over these shards (global ``batch_size``)."""
+        return ShardSource(self, batch_size, num_workers)
+
     def configure(self, seed: int, rank: int, world_size: int, workers: int, start_step: int,
                   local_batch: int, positions: dict[int, dict] | None = None) -> None:
         """Set the run this dataset serves (called by :class:`ShardSource` before loading)."""
@@ -361,8 +365,10 @@ class ShardSource:
                             "processes")
         self.dataset.configure(seed, rank, world_size, self.num_workers, start_step,
                                self.batch_size // world_size, self.positions)
+        # its own generator: the loader must not draw its workers' base seed from the
+        # global RNG, whose state (dropout) a resumed run restores exactly
         loader = data_loader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                             persistent_workers=False,
+                             persistent_workers=False, generator=torch.Generator().manual_seed(seed),
                              prefetch_factor=4 if self.num_workers > 0 else None)
         for batch in loader:
             local, state = batch.pop("_stream")

@@ -37,6 +37,15 @@ class DataSource(Protocol):
         ...
 
 
+@runtime_checkable
+class StreamingDataset(Protocol):
+    """A dataset that reads itself in order (e.g. caption shards) and so makes its own data
+    source for the trainer's global batch and loader workers."""
+
+    def as_source(self, batch_size: int, num_workers: int) -> DataSource:
+        ...
+
+
 class SampleSeeded(Dataset):
     """Seeds every RNG from the key before each sample, so augmentation is reproducible."""
 
