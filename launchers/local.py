@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from virtex import dist
 from virtex.contracts import Arguments, LaunchResult
 from virtex.errors import UserError
-from virtex.runner import Job, own_run_dir, run_job
+from virtex.experiment import Job, own_run_dir, run_job
 
 
 def _spawned(rank: int, job: Job, world_size: int, port: int) -> None:

@@ -2,7 +2,7 @@
 
     python -m virtex.run SPEC --launcher slurm --gpus 8 --slurm_partition gpu --slurm_time 72:00:00
 
-Each task calls :func:`virtex.runner.run_job` with its rank from the SLURM
+Each task calls :func:`virtex.experiment.run_job` with its rank from the SLURM
 environment. Submitit's files, the logs and ``job.json`` (job id, tasks, sbatch
 script) go to ``RUN_DIR/slurm/``.
 
@@ -42,8 +42,8 @@ import submitit
 from virtex import io
 from virtex.contracts import Arguments, LaunchResult
 from virtex.errors import UserError
+from virtex.experiment import Job, load_spec
 from virtex.registry import get_registry
-from virtex.runner import Job, load_spec
 
 # key -> accepted types of the optional config file (~/.config/virtex/slurm.toml)
 CONFIG_KEYS: dict[str, tuple[type, ...]] = {
@@ -273,7 +273,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, float]:
         from virtex.engine import Preempted
-        from virtex.runner import own_run_dir, run_job
+        from virtex.experiment import own_run_dir, run_job
         from virtex.train_hooks import StopRequest, training_hooks
 
         env = submitit.JobEnvironment()

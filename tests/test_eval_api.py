@@ -23,8 +23,8 @@ from virtex.evaluation.api import (
     inference,
     shard,
 )
+from virtex.experiment import experiment, format_table
 from virtex.models.visual import ResNetBackbone
-from virtex.runner import experiment, format_table
 
 
 @pytest.fixture(autouse=True)

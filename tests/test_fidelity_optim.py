@@ -16,9 +16,9 @@ from virtex.plugins.models.objectives import BicaptioningModel
 
 from virtex.engine import Trainer
 from virtex.errors import UserError
+from virtex.experiment import prepare
 from virtex.models.textual import TransformerTextualHead, parse_textual_size
 from virtex.models.visual import ResNetBackbone
-from virtex.runner import prepare
 from virtex.weights import virtex_state_dict_to_ours
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -113,8 +113,8 @@ def spec_objects():
     """Build a component as a paper spec configures it: ``build(spec, kind, name, params)``."""
     import gin
 
+    from virtex.experiment import load_spec
     from virtex.registry import get_registry
-    from virtex.runner import load_spec
 
     registry = get_registry()
 

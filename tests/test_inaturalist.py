@@ -15,9 +15,9 @@ from virtex.plugins.classification import FineTune, INaturalist
 from virtex.context import RunLogger
 from virtex.engine import Trainer
 from virtex.evaluation.api import EvalRequest
+from virtex.experiment import prepare
 from virtex.models.visual import ResNetBackbone
 from virtex.run import main
-from virtex.runner import prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 

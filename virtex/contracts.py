@@ -27,7 +27,7 @@ from virtex.evaluation.api import Evaluator
 if TYPE_CHECKING:
     import torch
 
-    from virtex.runner import Job
+    from virtex.job import Job
 
 
 @runtime_checkable
@@ -110,8 +110,8 @@ class Arguments(Protocol):
 
 @runtime_checkable
 class Launcher(Protocol):
-    """A launcher (``launchers.*``): turns a :class:`virtex.runner.Job` into processes, each
-    of which calls :func:`virtex.runner.run_job`."""
+    """A launcher (``launchers.*``): turns a :class:`virtex.experiment.Job` into processes, each
+    of which calls :func:`virtex.experiment.run_job`."""
 
     def add_arguments(self, parser: Arguments) -> None:
         """Add this launcher's own command-line options (``parser.add_argument``)."""

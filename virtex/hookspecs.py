@@ -93,7 +93,7 @@ def virtex_launchers() -> Factories:
 
     ``python -m virtex.run --launcher NAME`` builds one, calls ``add_arguments(parser)`` (its
     own command-line options; ``--help`` lists every launcher's), ``set_options(options)``
-    with the parsed command line, then ``launch(job)`` (a :class:`virtex.runner.Job`), which
+    with the parsed command line, then ``launch(job)`` (a :class:`virtex.experiment.Job`), which
     returns a :class:`virtex.contracts.LaunchResult`: the return code and whether the run
     finished (its summary is then printed) or was only submitted.
     """

@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if value is not None and value < 1:
                 raise UserError(f"{flag} {value}: expected a number >= 1")
         launcher.set_options(args)
-        from virtex.runner import check_config, prepare
+        from virtex.experiment import check_config, prepare
 
         job = prepare(args.spec, args.gin_param, args.run_dir, args.gpus, args.nodes, args.seed, argv)
         if args.print_config:

@@ -1,4 +1,4 @@
-"""The generic runner: what a spec asks for, run in one process of a launch.
+"""Experiments (`virtex.experiment`; the CLI is `virtex.run`): what a spec asks for, run in one process of a launch.
 
 A launcher (local, SLURM, ...) turns a :class:`Job` into processes; each process
 calls :func:`run_job`, which re-reads the spec, joins the process group, builds
@@ -17,7 +17,6 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +31,9 @@ from virtex.config import defined_macros, parse_spec, resolve_spec, spec_name
 from virtex.context import Context, RunLogger
 from virtex.errors import UserError
 from virtex.evaluation.api import EvalRequest, EvalResult
+from virtex.job import Job
 from virtex.registry import Registry, get_registry
 from virtex.weights import load_backbone_weights
-
-
-@dataclass
-class Job:
-    """Everything a process needs to run a spec; picklable for spawn and SLURM."""
-
-    spec: str
-    spec_name: str
-    params: list[str]
-    run_dir: str
-    gpus: int | None = None
-    nodes: int = 1
-    seed: int = 0
-    command: str = ""
 
 
 def config_hash(config: str, seed: int) -> str:
