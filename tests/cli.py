@@ -61,3 +61,15 @@ def tiny_pretrain(directory: Path, coco: Path, batch_size: int = 8, **trainer: o
     spec.write_text("\n".join(lines) + "\n")
     captions = Path(coco) / "annotations" / "captions_train2017.json"
     return spec, ["--gin_param", f"data_root={coco}", "--gin_param", f"captions={captions}"]
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """Last logged total loss at every step (a resumed run re-logs redone steps)."""
+    import json
+
+    out: dict[int, float] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss/total" in row:
+            out[row["step"]] = row["loss/total"]
+    return out

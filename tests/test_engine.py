@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli import REPO, run_cli, tiny_pretrain
+from cli import REPO, logged_losses, run_cli, tiny_pretrain
 
 from virtex.checkpoint import list_checkpoints
 from virtex.run import main
@@ -24,14 +24,7 @@ def tiny_spec(tmp_path_factory, shapes_root):
                          warmup_steps=2, checkpoint_every=4, log_every=1)
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    """Last logged total loss at every step (a resumed run re-logs redone steps)."""
-    out: dict[int, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss/total" in row:
-            out[row["step"]] = row["loss/total"]
-    return out
+_losses = logged_losses
 
 
 def test_pretraining_writes_a_complete_run_dir(tiny_spec, tmp_path, monkeypatch):

@@ -9,20 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from cli import REPO, run_cli, tiny_pretrain
+from cli import REPO, logged_losses, run_cli, tiny_pretrain
 
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss/total" in row:
-            out[row["step"]] = row["loss/total"]
-    return out
+_losses = logged_losses
 
 
 @pytest.mark.slow
