@@ -14,11 +14,6 @@ PAIR = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})s?\b")
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known regression of this release, to be bisected: since the tokenizer, decoding, "
-    "initialisation and protocol were made the original's, the quickstart's captions "
-    "name fewer right colours (72% against >= 80%) and fewer distinct captions (7 against "
-    ">= 8); see the open fidelity issue"))
 def test_quickstart_pretrains_transfers_and_captions(tmp_path):
     run_dir = tmp_path / "run"
     smaller = ["shapes_dir.images=1000", "trainer.max_steps=400"]

@@ -21,10 +21,12 @@ from virtex.errors import UserError
 @gin.configurable("tokenizer")
 @checked_as("tokenizer")
 def tokenizer(model: str | None = None, captions: str | None = None,
-              vocab_size: Annotated[int, Range(5)] = 10000) -> SentencePieceTokenizer:
+              vocab_size: Annotated[int, Range(5)] = 10000,
+              model_type: Literal["bpe", "unigram"] = "bpe") -> SentencePieceTokenizer:
     """A SentencePiece tokenizer: from ``model`` (a ``.model`` file), or built once from a COCO
     captions JSON (``captions``) into the cache with the original recipe (see
-    :func:`virtex.data.tokenizer.build_vocab`)."""
+    :func:`virtex.data.tokenizer.build_vocab`; ``model_type='bpe'`` as the original,
+    ``'unigram'`` sentencepiece's other algorithm)."""
     if model is not None:
         if not Path(model).is_file():
             raise UserError(f"tokenizer.model: '{model}' does not exist "
@@ -39,11 +41,12 @@ def tokenizer(model: str | None = None, captions: str | None = None,
     if not path.is_file():
         raise UserError(f"tokenizer.captions: '{captions}' does not exist")
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
-    prefix = cache_dir() / "vocab" / f"{path.stem}-{digest}-bpe{vocab_size}"
+    prefix = cache_dir() / "vocab" / f"{path.stem}-{digest}-{model_type}{vocab_size}"
     model_file = prefix.with_suffix(".model")
     if not model_file.is_file():
         try:
-            build_vocab(read_caption_strings(path), prefix, vocab_size=vocab_size)
+            build_vocab(read_caption_strings(path), prefix, vocab_size=vocab_size,
+                        model_type=model_type)
         except ValueError as exc:
             raise UserError(f"tokenizer.vocab_size = {vocab_size}: {exc}") from None
     return SentencePieceTokenizer(model_file)
