@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from virtex.errors import UserError
-from virtex.evaluation.api import Evaluator
 
 if TYPE_CHECKING:
     import torch
@@ -131,9 +130,18 @@ class Launcher(Protocol):
 CONTRACTS: dict[str, type] = {
     "backbones": Backbone,
     "tasks": Task,
-    "evaluators": Evaluator,
     "launchers": Launcher,
 }
+
+
+def _protocol(kind: str) -> type | None:
+    """The protocol of ``kind``; the evaluator one is imported only when an evaluator is
+    built (so that the engine, which imports this module, loads no evaluation code)."""
+    if kind == "evaluators":
+        from virtex.evaluation.api import Evaluator
+
+        return Evaluator
+    return CONTRACTS.get(kind)
 
 # what only some objects of a kind have: (when this attribute is there, the protocol)
 OPTIONAL: dict[str, tuple[str, type]] = {
@@ -184,7 +192,7 @@ def problems(obj: Any, protocol: type) -> list[str]:
 def check_built(obj: Any, kind: str, label: str) -> None:
     """Raise one :class:`UserError` if ``obj`` (built by ``label``, e.g. ``tasks.foo from
     plugin 'bar'``) does not fit its kind's protocol; remember ``label`` for later checks."""
-    protocol = CONTRACTS.get(kind)
+    protocol = _protocol(kind)
     if protocol is None:
         return
     found = problems(obj, protocol)
@@ -212,7 +220,7 @@ def label_of(obj: Any, default: str) -> str:
 def checked_build(factory: Callable, kind: str, label: str) -> Callable:
     """``factory`` (same signature) whose result is checked by :func:`check_built`; itself
     for a kind without a protocol."""
-    if kind not in CONTRACTS:
+    if _protocol(kind) is None:
         return factory
     signature = inspect.signature(factory)
 
