@@ -89,7 +89,8 @@ def _looks_like_html(head: bytes) -> bool:
 def _check_checkpoint(path: Path, url: str) -> None:
     import torch
 
-    head = path.read_bytes()[:512]
+    with open(path, "rb") as f:  # the start only: a checkpoint is hundreds of MB
+        head = f.read(512)
     if _looks_like_html(head):
         raise UserError(f"zoo download {url} returned a web page, not a checkpoint "
                         "(the link may have moved)")
