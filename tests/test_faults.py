@@ -156,8 +156,14 @@ def test_kill_9_during_checkpoint_writes_then_resume(tiny, reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(tiny, reference, tmp_path):
+def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(tiny, tmp_path):
+    # 20 steps, so that the interrupt lands mid-run even on a loaded machine (with 3 the
+    # run could end before the signal was delivered, and exit 0)
     args, env = tiny
+    args = [*args, "--gin_param", "trainer.max_steps=20"]
+    whole = tmp_path / "whole"
+    assert run_cli(*args, "--run_dir", str(whole), env=env).returncode == 0
+    reference = _losses(whole)
     run = tmp_path / "run"
     proc = _start([*args, "--run_dir", str(run)], env)
     assert _wait_for(lambda: bool(list((run / "checkpoints").glob("*"))), every=0.001)
