@@ -1,4 +1,5 @@
-"""The local launcher: this machine, one process, or one process per GPU with DDP."""
+"""The local launcher: this machine, one process, or one process per GPU with DDP; a plan's
+steps run one after another, in order."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from virtex import dist
 from virtex.contracts import Arguments, LaunchResult
 from virtex.errors import UserError
 from virtex.experiment import Job, own_run_dir, run_job
+from virtex.plan import Plan, perform
 
 
 def _spawned(rank: int, job: Job, world_size: int, port: int) -> None:
@@ -18,7 +20,9 @@ def _spawned(rank: int, job: Job, world_size: int, port: int) -> None:
 
 
 class LocalLauncher:
-    """Runs in this process, or with ``--gpus N>1`` starts N processes (nccl on GPU, gloo on CPU)."""
+    """Runs in this process, or with ``--gpus N>1`` starts N processes (nccl on GPU, gloo on
+    CPU). A plan's steps run in order; a finished one (its ``metrics.json`` written) is
+    skipped, its actions after the run done again (they are idempotent)."""
 
     def add_arguments(self, parser: Arguments) -> None:
         """No options of its own (``--gpus`` and ``--nodes`` are the CLI's)."""
@@ -26,7 +30,8 @@ class LocalLauncher:
     def set_options(self, options: argparse.Namespace) -> None:
         """Nothing to take: the job carries ``--gpus`` and ``--nodes``."""
 
-    def launch(self, job: Job) -> LaunchResult:
+    def run(self, job: Job) -> None:
+        """One run of a spec, here."""
         if job.nodes != 1:
             raise UserError("the local launcher runs on one node: use --launcher slurm for --nodes > 1")
         processes = max(1, job.gpus or 1)
@@ -38,4 +43,17 @@ class LocalLauncher:
             else:
                 mp.start_processes(_spawned, args=(job, processes, dist.free_port()),
                                    nprocs=processes, join=True, start_method="spawn")
-        return LaunchResult(returncode=0, finished=True, output=job.run_dir)
+
+    def launch(self, plan: Plan) -> LaunchResult:
+        plan.record()
+        for step in plan.steps:
+            if plan.kind != "run":
+                if step.finished():
+                    print(f"virtex: {step.name}: finished already, skipped", flush=True)
+                    perform(step.then)
+                    continue
+                print(f"virtex: {step.name}: running in {step.job.run_dir}", flush=True)
+            perform(step.before)
+            self.run(step.job)
+            perform(step.then)
+        return LaunchResult(returncode=0, finished=True, output=plan.run_dir)

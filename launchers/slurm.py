@@ -1,10 +1,11 @@
-"""The SLURM launcher: a run becomes a submitit job (a sweep, a job array), one task per GPU.
+"""The SLURM launcher: each group of a plan's steps becomes a submitit job (several steps:
+a job array), one task per GPU, with ``afterok``/``after`` dependencies between groups.
 
     python -m virtex.run SPEC --launcher slurm --gpus 8 --slurm_partition gpu --slurm_time 72:00:00
 
-Each task calls :func:`virtex.experiment.run_job` with its rank from the SLURM
-environment. Submitit's files, the logs and ``job.json`` (job id, tasks, sbatch
-script) go to ``RUN_DIR/slurm/``.
+Each task does its step's actions and calls :func:`virtex.experiment.run_job` with its
+rank from the SLURM environment. Submitit's files, the logs and ``job.json`` (the job id
+of every group, the tasks, the sbatch script) go to ``RUN_DIR/slurm/``.
 
 Pre-emption and time limits: SLURM sends USR2 ``signal_delay_s`` before the
 limit (or on ``scancel --signal=USR2``); submitit's handler calls
@@ -19,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io as io_module
-import itertools
 import json
 import math
 import os
@@ -33,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +40,8 @@ import submitit
 from virtex import io
 from virtex.contracts import Arguments, LaunchResult
 from virtex.errors import UserError
-from virtex.experiment import Job, load_spec
-from virtex.registry import get_registry
+from virtex.experiment import Job
+from virtex.plan import Plan, Step, perform, safe_label
 
 # key -> accepted types of the optional config file (~/.config/virtex/slurm.toml)
 CONFIG_KEYS: dict[str, tuple[type, ...]] = {
@@ -120,142 +118,6 @@ def parse_time(value: str | int, what: str = "--slurm_time") -> int:
     return minutes
 
 
-def split_values(text: str) -> list[str] | None:
-    """``0.1,0.2`` or ``[1,2],[3]``: commas inside brackets or quotes do not split
-    (``None`` if the brackets or quotes are unbalanced)."""
-    parts, current, depth, quote = [], "", 0, ""
-    for ch in text:
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(current.strip())
-            current = ""
-            continue
-        current += ch
-    parts.append(current.strip())
-    return None if depth or quote else parts
-
-
-def parse_sweep(text: str) -> tuple[str, list[str]]:
-    name, _, values = text.partition("=")
-    parts = split_values(values)
-    if not name.strip() or not values or parts is None or any(not p for p in parts):
-        raise UserError(f"--sweep '{text}': expected NAME=V1,V2,... (balanced brackets and quotes), "
-                        "e.g. trainer.lr=0.1,0.2")
-    return name.strip(), parts
-
-
-@dataclass
-class Member:
-    """One task of a job array: its label (a directory name), job and summary columns."""
-
-    label: str
-    job: Job
-    columns: dict[str, Any]
-
-
-def _safe(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", label.replace("'", "").replace('"', ""))[:120]
-
-
-def checkpoint_sweep(job: Job) -> tuple[str, list[Path]] | None:
-    """``(binding, checkpoints)`` when the spec evaluates a directory of checkpoints."""
-    import gin
-
-    from virtex.checkpoint import list_checkpoints
-
-    load_spec(job.spec, job.params)
-    try:
-        value, name = gin.query_parameter("experiment.ckpt"), "experiment.ckpt"
-        while repr(value).startswith("%"):  # a macro: bind the macro itself
-            name = repr(value)[1:]
-            value = gin.query_parameter(repr(value))
-    except ValueError:
-        return None
-    try:
-        if gin.query_parameter("experiment.task") is not None:
-            return None  # a pretraining run: ckpt is not what it evaluates
-    except ValueError:
-        pass
-    if not isinstance(value, str) or not Path(value).is_dir():
-        return None
-    paths = list_checkpoints(Path(value))
-    if not paths:
-        raise UserError(f"checkpoint directory '{value}' holds no step_*.pt checkpoints")
-    return name, [p.resolve() for p in paths]
-
-
-def array_members(job: Job, sweeps: list[tuple[str, list[str]]]) -> list[Member]:
-    """The tasks of a job array: one per checkpoint of a ckpt directory times each ``--sweep``
-    value (a cartesian product); none for a single run."""
-    from virtex.checkpoint import step_of
-
-    axes: list[list[tuple[str, dict[str, Any], str]]] = []
-    found = checkpoint_sweep(job)
-    if found:
-        name, paths = found
-        axes.append([(p.stem, {"step": step_of(p), "checkpoint": str(p)},
-                      f"{name}={json.dumps(str(p))}") for p in paths])
-    for name, values in sweeps:
-        axes.append([(f"{name}={v}", {name: v}, f"{name}={v}") for v in values])
-    if not axes:
-        return []
-    members: list[Member] = []
-    for combo in itertools.product(*axes):
-        label = ",".join(_safe(c[0]) for c in combo)
-        if any(m.label == label for m in members):
-            label = f"{label}-{len(members)}"
-        params = [*job.params, *(c[2] for c in combo)]
-        columns = {k: v for c in combo for k, v in c[1].items()}
-        members.append(Member(label, replace(job, params=params, run_dir=str(Path(job.run_dir) / label)),
-                              columns))
-    return members
-
-
-# -- what runs on the cluster ---------------------------------------------------------------
-@dataclass
-class SweepRecord:
-    """The array's members, so that the last task to finish (or ``--wait``) writes the summary."""
-
-    parent: str
-    members: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
-
-    def collect(self) -> bool:
-        """Write ``sweep.csv`` and ``summary.md`` in the parent run dir once every task is done."""
-        rows = []
-        for label, run_dir, columns in self.members:
-            path = Path(run_dir) / "metrics.json"
-            if not path.is_file():
-                return False
-            rows.append((label, columns, json.loads(path.read_text())))
-        parent = Path(self.parent)
-        keys = list(dict.fromkeys(k for _, c, _ in rows for k in c))
-        metrics = list(dict.fromkeys(k for _, _, m in rows for k in m))
-        buffer = io_module.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["run", *keys, *metrics])
-        for label, columns, values in rows:
-            writer.writerow([label, *(columns.get(k, "") for k in keys), *(values.get(k, "") for k in metrics)])
-        io.write_text(parent / "sweep.csv", buffer.getvalue())
-        shown = [k for k in keys if k != "checkpoint"]
-        headline = [k for k in metrics if k.count("/") <= 1 and not k.startswith("random_init/")]
-        lines = ["| " + " | ".join(["run", *shown, *headline]) + " |",
-                 "|" + "|".join("---" for _ in range(1 + len(shown) + len(headline))) + "|"]
-        for label, columns, values in rows:
-            cells = [label, *(str(columns.get(k, "")) for k in shown)]
-            cells += [f"{values[k]:.4f}" if k in values else "" for k in headline]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", f"{len(rows)} runs in {parent}/<run>/; every metric in sweep.csv"]
-        io.write_text(parent / "summary.md", "\n".join(lines) + "\n")
-        return True
-
-
 def _port(job_id: str) -> int:
     """The same on every task of a job; another after a requeue (the old one may linger)."""
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
@@ -263,10 +125,15 @@ def _port(job_id: str) -> int:
 
 
 class SlurmTask(submitit.helpers.Checkpointable):
-    """One SLURM task of a run: ``run_job`` in a thread, checkpoint-and-requeue on the signal."""
+    """One SLURM task of a plan's step: its actions and ``run_job`` in a thread,
+    checkpoint-and-requeue on the signal."""
 
-    def __init__(self, job: Job, sweep: SweepRecord | None = None, stop_timeout: float = 60.0):
-        self.job, self.sweep, self.stop_timeout = job, sweep, stop_timeout
+    def __init__(self, step: Step, stop_timeout: float = 60.0):
+        self.step, self.stop_timeout = step, stop_timeout
+
+    @property
+    def job(self) -> Job:
+        return self.step.job
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
@@ -286,13 +153,19 @@ class SlurmTask(submitit.helpers.Checkpointable):
                 local_rank = 0  # the cluster binds one GPU to each task
         outcome: dict[str, Any] = {}
         self._stop = StopRequest()  # every rank's trainers check it (a collective)
+        failed = Path(self.job.run_dir) / "failed.json"
 
         def target() -> None:
-            try:  # rank 0 owns the run directory; a requeued job is the same SLURM job
+            try:  # rank 0 owns the run directory and does the step's actions
+                if rank == 0:
+                    failed.unlink(missing_ok=True)
+                    perform(self.step.before)
                 with own_run_dir(self.job) if rank == 0 else contextlib.nullcontext(), \
                         training_hooks(self._stop):
                     outcome["metrics"] = run_job(self.job, rank, world_size, local_rank,
                                                  env.hostnames[0], _port(env.raw_job_id))
+                if rank == 0:
+                    perform(self.step.then)
             except BaseException as exc:  # handed to the main thread
                 outcome["error"] = exc
 
@@ -309,12 +182,13 @@ class SlurmTask(submitit.helpers.Checkpointable):
             time.sleep(self.stop_timeout)
         if error is not None:
             if rank == 0:
-                io.write_json(done, {"state": "FAILED", "error": f"{type(error).__name__}: {error}"})
+                reason = f"{type(error).__name__}: {error}"
+                io.write_json(done, {"state": "FAILED", "error": reason})
+                if not isinstance(error, Preempted):  # what a step waiting for it reads
+                    io.write_json(failed, {"job_id": env.job_id, "error": reason})
             raise error
         if rank == 0:
             io.write_json(done, {"state": "COMPLETED"})
-            if self.sweep is not None and self.sweep.collect():
-                print(f"all {len(self.sweep.members)} runs done: {self.sweep.parent}/summary.md", flush=True)
         return outcome["metrics"]
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
@@ -331,7 +205,7 @@ class SlurmTask(submitit.helpers.Checkpointable):
             if thread.is_alive():
                 print("virtex: no checkpoint at the signal (not training, or too slow): the requeued "
                       "job resumes from the newest one", file=sys.stderr, flush=True)
-        return submitit.helpers.DelayedSubmission(SlurmTask(self.job, self.sweep, self.stop_timeout))
+        return submitit.helpers.DelayedSubmission(SlurmTask(self.step, self.stop_timeout))
 
 
 def _only_this_process_checkpoints(env: submitit.JobEnvironment) -> None:
@@ -349,27 +223,32 @@ def _only_this_process_checkpoints(env: submitit.JobEnvironment) -> None:
 
 
 # -- the launcher -----------------------------------------------------------------------------
+# what a pipeline stage's resources may set (pipeline.resources), besides the config's keys
+RESOURCE_KEYS = ("gpus", "nodes", "time", "partition", "account", "qos", "constraint",
+                 "cpus_per_task", "mem", "array_parallelism")
+RUNNING = {"PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED",
+           "COMPLETING", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
+
+
 class SlurmLauncher:
-    """Submits runs to SLURM with submitit; ``--wait`` follows them to the end."""
+    """Submits a plan's steps to SLURM with submitit: each group of steps one job (a job
+    array for several), with ``afterok`` dependencies; ``--wait`` follows them to the end."""
 
     def __init__(self) -> None:
         self.flags: dict[str, str] = {}
         self.print_sbatch = False
         self.wait = False
-        self.sweeps: list[tuple[str, list[str]]] = []
 
     def add_arguments(self, parser: Arguments) -> None:
-        """``--slurm_partition`` ... ``--slurm_qos``, ``--sweep``, ``--print_sbatch``, ``--wait``."""
+        """``--slurm_partition`` ... ``--slurm_qos``, ``--print_sbatch``, ``--wait``."""
         for name in FLAGS:
             parser.add_argument(f"--slurm_{name}", metavar=name.upper(),
                                 help=f"sbatch --{name}" + (" (SLURM's format, e.g. 72:00:00; "
                                                           "default 1 hour)" if name == "time" else ""))
-        parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
-                            help="a job array, one task per value (repeatable: every combination)")
         parser.add_argument("--print_sbatch", action="store_true",
-                            help="print the sbatch script that would be submitted; submit nothing")
+                            help="print the sbatch script(s) that would be submitted; submit nothing")
         parser.add_argument("--wait", action="store_true",
-                            help="follow the job's log until it ends, then print the summary")
+                            help="follow the jobs' logs until they end, then print the summary")
 
     def set_options(self, options: argparse.Namespace) -> None:
         """Takes the values of the options :meth:`add_arguments` added (checked)."""
@@ -378,20 +257,20 @@ class SlurmLauncher:
         if "time" in self.flags:
             parse_time(self.flags["time"])
         self.print_sbatch, self.wait = options.print_sbatch, options.wait
-        self.sweeps = [parse_sweep(s) for s in options.sweep]
 
     def parameters(self, job: Job, settings: dict[str, Any]) -> dict[str, Any]:
         """submitit's ``update_parameters`` for ``job``."""
         tasks = max(1, job.gpus or 1)
         params: dict[str, Any] = {
-            "job_name": "virtex-" + _safe(job.spec_name.replace("/", "-")),
+            "job_name": "virtex-" + safe_label(job.spec_name.replace("/", "-")),
             "time": parse_time(settings.get("time", DEFAULT_TIME)),
             "nodes": job.nodes, "ntasks_per_node": tasks,
             "signal_delay_s": settings.get("signal_delay_s", 120),
         }
         if job.gpus and settings.get("request_gpus", True):
             params["gpus_per_node"] = job.gpus
-        for key in ("partition", "account", "qos", "constraint", "cpus_per_task", "mem"):
+        for key in ("partition", "account", "qos", "constraint", "cpus_per_task", "mem",
+                    "array_parallelism"):
             if settings.get(key) is not None:
                 params[key] = settings[key]
         if settings.get("setup"):
@@ -400,73 +279,145 @@ class SlurmLauncher:
             params["additional_parameters"] = dict(settings["sbatch"])
         return params
 
-    def launch(self, job: Job) -> LaunchResult:
-        settings = {**load_config(), **self.flags}
-        params = self.parameters(job, settings)
-        members = array_members(job, self.sweeps)
-        _validate(members)
-        folder = Path(job.run_dir) / "slurm"
-        python = settings.get("python") or sys.executable
-        stop_timeout = max(10.0, params["signal_delay_s"] - 30.0)
-        if self.print_sbatch:
-            from submitit.slurm.slurm import _make_sbatch_string
+    def _placed(self, step: Step, settings: dict[str, Any]) -> tuple[Step, dict[str, Any]]:
+        """``step`` with its stage's GPUs and nodes, and the sbatch settings for it
+        (the config file, then the command line, then the stage's resources)."""
+        extra = sorted(set(step.resources) - set(RESOURCE_KEYS))
+        if extra:
+            raise UserError(f"pipeline.resources['{step.group}']: unknown key '{extra[0]}', "
+                            f"expected one of {', '.join(RESOURCE_KEYS)}")
+        job = replace(step.job, gpus=step.resources.get("gpus", step.job.gpus),
+                      nodes=step.resources.get("nodes", step.job.nodes))
+        merged = {**settings, **{k: v for k, v in step.resources.items() if k not in ("gpus", "nodes")}}
+        if "time" in step.resources:
+            parse_time(step.resources["time"], f"pipeline.resources['{step.group}']['time']")
+        return replace(step, job=job), merged
 
-            command = f"{shlex.quote(python)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-            print(_make_sbatch_string(command=command, folder=folder, map_count=len(members) or None,
-                                      **params), end="")
-            for i, m in enumerate(members):
-                print(f"# array task {i}: {' '.join(m.job.params[len(job.params):])} -> {m.job.run_dir}")
-            return LaunchResult(returncode=0, finished=False)
+    def launch(self, plan: Plan) -> LaunchResult:
+        settings = {**load_config(), **self.flags}
+        folder = Path(plan.run_dir) / "slurm"
+        python = settings.get("python") or sys.executable
+        if self.print_sbatch:
+            return self._print(plan, settings, folder, python)
         for program in ("sbatch", "srun", "squeue"):
             if shutil.which(program) is None:
                 raise UserError(f"{program} not found: the slurm launcher runs on a SLURM "
                                 "cluster's login node, where sbatch, srun and squeue are on PATH "
                                 "(--print_sbatch shows the script without submitting)")
-        executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(python),
-                                          max_num_timeout=settings.get("max_requeues", 10))
-        try:
-            executor.update_parameters(**params)
-        except ValueError as exc:
-            raise UserError(f"SLURM options: {str(exc).splitlines()[0]}") from None
-        sweep = SweepRecord(job.run_dir, [(m.label, m.job.run_dir, m.columns) for m in members])
-        try:
-            if members:
-                with executor.batch():
-                    jobs = [executor.submit(SlurmTask(m.job, sweep, stop_timeout)) for m in members]
-            else:
-                jobs = [executor.submit(SlurmTask(job, None, stop_timeout))]
-        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as exc:
-            raise UserError(f"sbatch failed: {' '.join(str(exc).split())[:300]}") from None
-        job_id = jobs[0].job_id.split("_")[0]
-        if members:
-            tasks = [{"job_id": j.job_id, "label": m.label, "run_dir": m.job.run_dir}
-                     for j, m in zip(jobs, members)]
-        else:
-            tasks = [{"job_id": job_id, "label": "", "run_dir": job.run_dir}]
-        script = folder / f"{job_id}.sbatch"
-        submitted = jobs[0].paths.submission_file
-        io.write_text(script, submitted.read_text() if submitted.is_file() else "")
-        record = {"job_id": job_id, "array": bool(members), "tasks": tasks, "sbatch": str(script),
-                  "command": job.command, "submitted": time.strftime("%Y-%m-%d %H:%M:%S")}
+        plan.record()
+        previous = _record(folder)
+        ids: dict[str, str] = {}
+        tasks: list[dict[str, Any]] = []
+        first: dict[str, Any] = {}
+        for group, steps in plan.groups():
+            array = _is_array(plan, steps)
+            # a single run is always submitted (it may have more steps to train now)
+            todo = [s for s in steps if plan.kind == "run" or not s.finished()]
+            if not todo:
+                print(f"virtex: {group}: finished already, not submitted")
+                for s in steps:
+                    perform(s.then)
+                continue
+            known = previous.get("groups", {}).get(group)
+            if known and _still_queued(known):
+                print(f"virtex: {group}: SLURM job {known} is queued or running, not submitted again")
+                ids[group] = known
+                tasks += [t for t in previous.get("tasks", []) if t.get("group") == group]
+                continue
+            placed = [self._placed(s, settings) for s in todo]
+            params = self.parameters(placed[0][0].job, placed[0][1])
+            deps = [f"afterok:{ids[g]}" for g in todo[0].after if g in ids]
+            deps += [f"after:{ids[g]}" for g in todo[0].starts_after if g in ids]
+            if deps:  # a failed dependency cancels this job instead of leaving it pending
+                params["dependency"] = ",".join(deps)
+                params["additional_parameters"] = {**params.get("additional_parameters", {}),
+                                                   "kill_on_invalid_dep": "yes"}
+            stop_timeout = max(10.0, params["signal_delay_s"] - 30.0)
+            executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(python),
+                                              max_num_timeout=settings.get("max_requeues", 10))
+            try:
+                executor.update_parameters(**params)
+            except ValueError as exc:
+                raise UserError(f"SLURM options: {str(exc).splitlines()[0]}") from None
+            try:
+                if array:
+                    with executor.batch():
+                        jobs = [executor.submit(SlurmTask(s, stop_timeout)) for s, _ in placed]
+                else:
+                    jobs = [executor.submit(SlurmTask(placed[0][0], stop_timeout))]
+            except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as exc:
+                raise UserError(f"sbatch failed: {' '.join(str(exc).split())[:300]}") from None
+            job_id = jobs[0].job_id.split("_")[0]
+            ids[group] = job_id
+            tasks += [{"job_id": j.job_id if array else job_id,
+                       "label": s.name if array or plan.kind == "pipeline" else "",
+                       "run_dir": s.job.run_dir, **({"group": group} if plan.kind != "run" else {})}
+                      for j, (s, _) in zip(jobs, placed)]
+            script = folder / f"{job_id}.sbatch"
+            submitted = jobs[0].paths.submission_file
+            io.write_text(script, submitted.read_text() if submitted.is_file() else "")
+            first = first or {"job_id": job_id, "sbatch": str(script), "params": params}
+            what = f"job array {job_id} ({len(jobs)} tasks)" if array else f"job {job_id}"
+            after = f", after {params['dependency']}" if deps else ""
+            print(f"submitted SLURM {what}{f' for {group}' if plan.kind == 'pipeline' else ''}: "
+                  f"{params['nodes']} node(s) x {params['ntasks_per_node']} task(s), "
+                  f"time limit {params['time']} min{after}")
+        if not tasks:
+            return LaunchResult(returncode=0, finished=True, output=plan.run_dir)
+        job_id = first.get("job_id") or next(iter(ids.values()))
+        array = any(_is_array(plan, steps) for _, steps in plan.groups())
+        record = {"job_id": job_id, "array": array, "groups": ids, "tasks": tasks,
+                  "sbatch": first.get("sbatch") or previous.get("sbatch", ""),
+                  "command": plan.command, "submitted": time.strftime("%Y-%m-%d %H:%M:%S")}
         io.write_json(folder / "job.json", record)
-        what = f"job array {job_id} ({len(jobs)} tasks)" if members else f"job {job_id}"
-        print(f"submitted SLURM {what}: {params['nodes']} node(s) x {params['ntasks_per_node']} task(s), "
-              f"time limit {params['time']} min")
-        logs = f"{folder}/{job_id}{'_*' if members else ''}_0_log.{{out,err}}"
+        shown = job_id if len(ids) == 1 else "<job id>"
+        logs = f"{folder}/{shown}{'_*' if array else ''}_0_log.{{out,err}}"
         print(f"logs: {logs}")
-        print(f"run directory: {job.run_dir}")
+        print(f"run directory: {plan.run_dir}")
         if not self.wait:
-            print(f"state: squeue -j {job_id}")
+            print(f"state: squeue -j {','.join(ids.values())}")
             return LaunchResult(returncode=0, finished=False, job_id=job_id, output=logs)
-        rc = follow(record, [_log_paths(folder, t["job_id"]) for t in tasks], sweep if members else None)
+        rc = follow(record, [_log_paths(folder, t["job_id"]) for t in tasks])
         return LaunchResult(returncode=rc, finished=True, job_id=job_id, output=logs)
 
+    def _print(self, plan: Plan, settings: dict[str, Any], folder: Path, python: str) -> LaunchResult:
+        from submitit.slurm.slurm import _make_sbatch_string
 
-def _validate(members: list[Member]) -> None:
-    """Every array task's bindings parse (one clear error now rather than N failed tasks)."""
-    registry = get_registry()
-    for m in members:
-        load_spec(m.job.spec, m.job.params, registry)
+        command = f"{shlex.quote(python)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+        for group, steps in plan.groups():
+            array = _is_array(plan, steps)
+            placed = [self._placed(s, settings) for s in steps]
+            params = self.parameters(placed[0][0].job, placed[0][1])
+            deps = [f"afterok:<{g}>" for g in steps[0].after]
+            deps += [f"after:<{g}>" for g in steps[0].starts_after]
+            if plan.kind == "pipeline":
+                print(f"# -- {group}" + (f" (dependency {','.join(deps)})" if deps else ""))
+            print(_make_sbatch_string(command=command, folder=folder,
+                                      map_count=len(steps) if array else None, **params), end="")
+            if array:
+                for i, s in enumerate(steps):
+                    own = [p for p in s.job.params if p not in plan.shared]
+                    print(f"# array task {i}: {' '.join(own)} -> {s.job.run_dir}")
+        return LaunchResult(returncode=0, finished=False)
+
+
+def _is_array(plan: Plan, steps: list[Step]) -> bool:
+    """A sweep's members, and a group of several steps, are one job array."""
+    return plan.kind == "sweep" or len(steps) > 1
+
+
+def _record(folder: Path) -> dict[str, Any]:
+    path = folder / "job.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def _still_queued(job_id: str) -> bool:
+    """Whether SLURM still has ``job_id`` (any task of an array) pending or running."""
+    states = job_states(job_id)
+    return bool(states) and any(state in RUNNING for state in states.values())
 
 
 # -- following a submitted job -------------------------------------------------------------------
@@ -508,8 +459,7 @@ class _Tail:
                       flush=True)
 
 
-def follow(record: dict[str, Any], logs: list[tuple[Path, Path]], sweep: SweepRecord | None,
-           interval: float = 1.0) -> int:
+def follow(record: dict[str, Any], logs: list[tuple[Path, Path]], interval: float = 1.0) -> int:
     """Print the tasks' logs until every task has ended; 0 if all completed."""
     tasks = record["tasks"]
     tails = []
@@ -522,7 +472,7 @@ def follow(record: dict[str, Any], logs: list[tuple[Path, Path]], sweep: SweepRe
     while True:
         for tail in tails:
             tail.poll()
-        states = job_states(record["job_id"])
+        states = job_states(",".join(record.get("groups", {}).values()) or record["job_id"])
         if states is None:
             misses += 1
             if misses * interval > 300:
@@ -541,8 +491,6 @@ def follow(record: dict[str, Any], logs: list[tuple[Path, Path]], sweep: SweepRe
         time.sleep(interval)
     for tail in tails:
         tail.poll()
-    if sweep is not None:
-        sweep.collect()
     failed = 0
     for t, (_, err) in zip(tasks, logs):
         if seen[t["job_id"]] != "COMPLETED":

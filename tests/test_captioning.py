@@ -218,15 +218,15 @@ def test_coco_captioning_sweeps_a_checkpoint_directory(tiny, tmp_path, monkeypat
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [2, 4]
     assert all(math.isfinite(float(r["coco_captioning/CIDEr"])) for r in rows)
-    for step in (2, 4):
-        predictions = json.loads((run / f"predictions_step_{step:07d}.json").read_text())
+    for step in (2, 4):  # one run per checkpoint, its metrics at the checkpoint's step
+        member = run / f"step_{step:07d}"
+        predictions = json.loads((member / "predictions.json").read_text())
         assert len(predictions) == 12 and all(set(p) == {"image_id", "caption"} for p in predictions)
-    assert not (run / "predictions.json").exists()
-    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in logged if "coco_captioning/CIDEr" in row] == [2, 4]
+        logged = [json.loads(line) for line in (member / "metrics.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in logged if "coco_captioning/CIDEr" in row] == [step]
+        assert "predictions.json" in (member / "summary.md").read_text()
     summary = (run / "summary.md").read_text()
-    assert "predictions_step_0000004.json" in summary
-    assert "predictions_step_0000002.json" not in summary  # only the latest examples
+    assert summary.splitlines()[0].startswith("| run | step | coco_captioning/")
 
 
 def test_checkpoint_of_another_size_is_a_user_error(tiny, tmp_path, monkeypatch, capfd):

@@ -316,13 +316,13 @@ class Echo:
     def set_options(self, options):
         self.message = options.echo_message
 
-    def launch(self, job):
-        print(f"echo: {self.message} {job.spec_name}")
+    def launch(self, plan):
+        print(f"echo: {self.message} {' '.join(s.job.spec_name for s in plan.steps)}")
         return LaunchResult(returncode=0, finished=False, job_id="e1")
 
 
 class OldStyle(Echo):
-    def launch(self, job):
+    def launch(self, plan):
         return 0
 
 
@@ -405,7 +405,7 @@ def test_a_launcher_adds_its_options_and_returns_a_launch_result(site, tmp_path)
 
     line = _one_error_line(run_cli(str(spec), "--launcher", "old_style", "--run_dir",
                                    str(tmp_path / "run"), cwd=tmp_path, pythonpath=[site]))
-    assert ("launchers.old_style from plugin 'contract_test': launch(job) returned int 0, "
+    assert ("launchers.old_style from plugin 'contract_test': launch(plan) returned int 0, "
             "expected a virtex.contracts.LaunchResult") in line
 
     line = _one_error_line(run_cli(str(spec), "--launcher", "greedy", cwd=tmp_path,

@@ -1,5 +1,5 @@
 """The evaluation API (virtex.evaluation.api) and how the runner uses it: one request per
-evaluation, results collected, the sweep's step and ``in_sweep`` given explicitly."""
+evaluation, results collected, a checkpoint's step given explicitly."""
 
 from __future__ import annotations
 
@@ -140,22 +140,23 @@ def test_an_evaluator_satisfies_the_protocol():
     assert isinstance(Recorder(), Evaluator) and not isinstance(object(), Evaluator)
 
 
-def test_a_sweep_gives_each_checkpoint_its_step_and_keeps_the_latest_summary(tmp_path):
+def test_a_step_checkpoint_gives_the_request_its_step_also_through_a_link(tmp_path):
     ckpts = tmp_path / "ckpts"
-    for step in (2, 4):
-        cnn = ResNetBackbone("resnet18").cnn.state_dict()
-        checkpoint.save({"model": {f"visual.cnn.{k}": v for k, v in cnn.items()}}, ckpts, step)
+    cnn = ResNetBackbone("resnet18").cnn.state_dict()
+    path = checkpoint.save({"model": {f"visual.cnn.{k}": v for k, v in cnn.items()}}, ckpts, 4)
+    (tmp_path / "best.pt").symlink_to(path)
     recorder = Recorder()
     ctx = _ctx(tmp_path / "run")
     (tmp_path / "run").mkdir()
-    outcome = experiment(ctx, backbone=lambda: ResNetBackbone("resnet18"),
-                         evaluators=[recorder], ckpt=str(ckpts))
-    assert [(r.step, r.in_sweep, r.ckpt) for r in recorder.requests] == [
-        (2, True, checkpoint.checkpoint_path(ckpts, 2)),
-        (4, True, checkpoint.checkpoint_path(ckpts, 4))]
+    for given in (path, tmp_path / "best.pt"):
+        outcome = experiment(ctx, backbone=lambda: ResNetBackbone("resnet18"),
+                             evaluators=[recorder], ckpt=str(given))
+        assert outcome.metrics == {"rec/step": 4.0}
+    assert [(r.step, r.ckpt) for r in recorder.requests] == [(4, path), (4, tmp_path / "best.pt")]
     assert ctx.step == 0  # the run's own step is left alone
-    assert outcome.metrics == {"rec/step": 4.0}
-    assert outcome.summary == ["evaluated step 4"]  # the latest checkpoint's lines only
+    with pytest.raises(UserError, match="is a directory: a checkpoint sweep is a plan"):
+        experiment(ctx, backbone=lambda: ResNetBackbone("resnet18"), evaluators=[recorder],
+                   ckpt=str(ckpts))
     ctx.logger.close()
 
 
@@ -168,7 +169,7 @@ def test_one_checkpoint_and_the_random_init_comparison_get_their_own_requests(tm
                          evaluators=[recorder, Recorder()], ckpt=str(path),
                          weight_init="torchvision", compare_random_init=True)
     first, random_init = recorder.requests
-    assert (first.ckpt, first.in_sweep, first.model) == (path, False, None)
+    assert (first.ckpt, first.step, first.model) == (path, 0, None)
     assert torch.equal(first.backbone.cnn.conv1.weight, cnn["conv1.weight"])
     assert random_init.ckpt is None and random_init.backbone is not first.backbone
     assert outcome.metrics == {"rec/step": 0.0, "Recorder/rec/step": 0.0,

@@ -68,7 +68,7 @@ def test_find_cycle_finds_one():
 def test_the_graph_sees_function_level_imports():
     graph = import_graph()
     assert "virtex.config" in graph["virtex.experiment"]
-    assert "virtex.checkpoint" in graph["virtex.experiment"]  # imported inside sweep()
+    assert "virtex.checkpoint" in graph["virtex.experiment"]  # imported inside _request()
 
 
 def test_the_kernel_has_no_import_cycle():

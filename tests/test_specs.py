@@ -46,7 +46,17 @@ def test_every_spec_parses(name):
     config = gin.config_str()
     runnable = not name.startswith(("models/", "runs/")) and not name.endswith("_base")
     if runnable:
-        assert "experiment." in config, name
+        assert ("pipeline." if name.startswith("pipeline/") else "experiment.") in config, name
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n.startswith("pipeline/")])
+def test_every_pipeline_expands_into_stages_whose_bindings_parse(name, tmp_path):
+    from virtex.experiment import expand, prepare
+
+    plan = expand(prepare(name, [], str(tmp_path / "run")))  # parses every stage's bindings
+    groups = [g for g, _ in plan.groups()]
+    assert groups == ["pretrain", "voc07", "imagenet", "inat", "coco", "lvis", "voc_det",
+                      "captioning"], groups
 
 
 @pytest.mark.parametrize("name", sorted(set(TRANSFER) - {"downstream/lvis_imagenet_init"}))

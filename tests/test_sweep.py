@@ -1,4 +1,5 @@
-"""Checkpoint sweeps: ``ckpt=<directory>`` evaluates each new checkpoint, curve to CSV and tensorboard."""
+"""Checkpoint sweeps: ``ckpt=<directory>`` is one run per checkpoint (virtex.plan), each new
+one evaluated once; the curve goes to sweep.csv and tensorboard."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _rows(path) -> list[dict[str, str]]:
 
 @pytest.mark.slow
 def test_sweep_evaluates_each_checkpoint_once_and_writes_the_curve(shapes_root, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, capsys):
     monkeypatch.setenv("VIRTEX_CACHE", str(tmp_path / "cache"))
     spec, params = tiny_pretrain(tmp_path, shapes_root / "coco", batch_size=4, max_steps=6,
                                  warmup_steps=1, checkpoint_every=2, keep_last=10, cpu_threads=1)
@@ -46,17 +47,22 @@ def test_sweep_evaluates_each_checkpoint_once_and_writes_the_curve(shapes_root, 
              "--gin_param", "num_workers=0", "--gin_param", f"data_root={shapes_root / 'VOC2007'}"]
     assert main(sweep) == 0
     rows = _rows(out / "sweep.csv")
+    assert list(rows[0])[:3] == ["run", "step", "checkpoint"]
+    assert [r["run"] for r in rows] == ["step_0000002", "step_0000004", "step_0000006"]
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
     assert [r["checkpoint"] for r in rows] == [str(ckpts / f"step_000000{s}.pt") for s in (2, 4, 6)]
     maps = [float(r["voc07/mAP"]) for r in rows]
     assert all(0 < m <= 100 for m in maps) and len(set(maps)) == 3  # three different backbones
     assert extracted == [48, 12] * 3  # trainval and test features of each checkpoint
-    assert json.loads((out / "metrics.json").read_text())["voc07/mAP"] == maps[-1]
+    for row, m in zip(rows, maps):  # each checkpoint is a run of its own
+        assert json.loads((out / row["run"] / "metrics.json").read_text())["voc07/mAP"] == m
+    assert "| step_0000006 | 6 |" in (out / "summary.md").read_text()
+    capsys.readouterr()
 
     extracted.clear()  # the same command again: nothing left to evaluate
     assert main(sweep) == 0
     assert extracted == [] and _rows(out / "sweep.csv") == rows
-    assert (out / "log.txt").read_text().count("already evaluated, skipped") == 3
+    assert capsys.readouterr().out.count("finished already, skipped") == 3
 
     # training goes on: a fourth checkpoint appears, and only it is evaluated
     assert main([*pretrain, "--gin_param", "trainer.max_steps=8"]) == 0

@@ -12,7 +12,7 @@ import gin
 from gin import config as gin_config
 
 from virtex.errors import UserError
-from virtex.registry import KINDS, Registry, unknown_name_message
+from virtex.registry import KINDS, Registry, get_registry, unknown_name_message
 
 
 def available_specs(spec_dirs: Iterable[Path]) -> list[str]:
@@ -157,3 +157,14 @@ def parse_spec(
             f"add --gin_param {missing[0]}=..."
         )
     return bindings
+
+
+def load_spec(spec: str | Path, params: Sequence[str], registry: Registry | None = None) -> Path:
+    """Resolve ``spec`` (a path or a spec name) and parse it and ``params`` into gin (the
+    plugins' configurables are registered here; the kernel's by importing
+    :mod:`virtex.experiment`, which every caller has); returns the spec's path."""
+    registry = registry or get_registry()
+    spec_dirs = registry.spec_dirs()
+    path = resolve_spec(str(spec), spec_dirs)
+    parse_spec(path, params, spec_dirs, registry)
+    return path

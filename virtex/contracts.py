@@ -26,7 +26,7 @@ from virtex.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from virtex.job import Job
+    from virtex.plan import Plan
 
 
 @runtime_checkable
@@ -109,8 +109,10 @@ class Arguments(Protocol):
 
 @runtime_checkable
 class Launcher(Protocol):
-    """A launcher (``launchers.*``): turns a :class:`virtex.experiment.Job` into processes, each
-    of which calls :func:`virtex.experiment.run_job`."""
+    """A launcher (``launchers.*``): places the steps of a :class:`virtex.plan.Plan` (each a
+    :class:`virtex.job.Job` plus the actions before and after it, see
+    :func:`virtex.plan.perform`) in processes, each of which calls
+    :func:`virtex.experiment.run_job`; it respects the steps' order and dependencies."""
 
     def add_arguments(self, parser: Arguments) -> None:
         """Add this launcher's own command-line options (``parser.add_argument``)."""
@@ -121,8 +123,8 @@ class Launcher(Protocol):
         raise :class:`~virtex.errors.UserError` for a bad value."""
         ...
 
-    def launch(self, job: Job) -> LaunchResult:
-        """Run or submit ``job``."""
+    def launch(self, plan: Plan) -> LaunchResult:
+        """Run or submit ``plan`` (a single run is a plan of one step)."""
         ...
 
 
@@ -273,7 +275,7 @@ def check_task_output(out: Any, label: str) -> None:
 def check_launch_result(result: Any, label: str) -> LaunchResult:
     """``result`` if it is a :class:`LaunchResult`, else one :class:`UserError`."""
     if not isinstance(result, LaunchResult):
-        raise UserError(f"{label}: launch(job) returned {_short(result)}, expected a "
+        raise UserError(f"{label}: launch(plan) returned {_short(result)}, expected a "
                         f"{_name(LaunchResult)}")
     return result
 

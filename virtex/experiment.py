@@ -8,11 +8,8 @@ the experiment from gin and runs it.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io as io_module
 import random
-import re
 import shlex
 import sys
 import time
@@ -27,12 +24,14 @@ import torch
 import virtex.data.cache  # noqa: F401  registers the shapes_dir configurable
 import virtex.engine  # noqa: F401  registers the trainer configurable
 from virtex import dist, io, lock, zoo
-from virtex.config import defined_macros, parse_spec, resolve_spec, spec_name
+from virtex.config import defined_macros, load_spec, parse_spec, resolve_spec, spec_name
 from virtex.context import Context, RunLogger
 from virtex.errors import UserError
 from virtex.evaluation.api import EvalRequest, EvalResult
-from virtex.job import Job
-from virtex.registry import Registry, get_registry
+from virtex.job import Job, check_config
+from virtex.pipeline import pipeline_plan, stage_binding
+from virtex.plan import Plan, checkpoint_directory, single, sweep_steps
+from virtex.registry import get_registry
 from virtex.weights import load_backbone_weights
 
 
@@ -40,31 +39,27 @@ def config_hash(config: str, seed: int) -> str:
     return hashlib.sha1(f"{config}\nseed={seed}".encode()).hexdigest()[:8]
 
 
-def load_spec(spec: str | Path, params: Sequence[str], registry: Registry | None = None) -> Path:
-    """Resolve ``spec`` (a path or a spec name) and parse it and ``params`` into gin, with
-    every configurable registered (the kernel's, defined here and in modules this one
-    imports, and the plugins'); returns the spec's path."""
-    registry = registry or get_registry()
-    spec_dirs = registry.spec_dirs()
-    path = resolve_spec(str(spec), spec_dirs)
-    parse_spec(path, params, spec_dirs, registry)
-    return path
-
-
 def prepare(spec: str, params: Sequence[str], run_dir: str | None = None, gpus: int | None = None,
             nodes: int = 1, seed: int = 0, argv: Sequence[str] | None = None) -> Job:
     """Resolve and parse a spec (all errors surface here), choose and create the run dir."""
     registry = get_registry()
     spec_dirs = registry.spec_dirs()
-    params = _expand_zoo(resolve_spec(spec, spec_dirs), params, spec_dirs, registry)
-    path = load_spec(spec, params, registry)
+    staged = [p for p in params if stage_binding(p)]  # a pipeline's STAGE:NAME=VALUE
+    params = [*_expand_zoo(resolve_spec(spec, spec_dirs),
+                           [p for p in params if not stage_binding(p)], spec_dirs, registry),
+              *staged]
+    path = load_spec(spec, [p for p in params if not stage_binding(p)], registry)
     name = spec_name(path, spec_dirs)
     config = gin.config_str()
-    if not any(line.startswith("experiment.") for line in config.splitlines()):
+    pipeline = any(line.startswith("pipeline.") for line in config.splitlines())
+    if not pipeline and not any(line.startswith("experiment.") for line in config.splitlines()):
         raise UserError(f"spec {path} runs nothing: it binds no experiment (experiment.task "
-                        "to pretrain, experiment.evaluators to evaluate)")
+                        "to pretrain, experiment.evaluators to evaluate) and no pipeline")
+    if staged and not pipeline:
+        raise UserError(f"--gin_param {staged[0]}: a STAGE:NAME=VALUE binding is for a pipeline "
+                        f"spec's stage, and {path} is not a pipeline")
     if run_dir is None:
-        run_dir = str(Path("runs") / name / config_hash(config, seed))
+        run_dir = str(Path("runs") / name / config_hash("\n".join([config, *staged]), seed))
     command = shlex.join(["python", "-m", "virtex.run", *(argv if argv is not None else sys.argv[1:])])
     return Job(str(path), name, list(params), str(Path(run_dir).resolve()), gpus, nodes, seed, command)
 
@@ -90,28 +85,26 @@ def own_run_dir(job: Job) -> Iterator[None]:
         yield
 
 
-_LONGER = re.compile(r"^[\w./]*max_steps = ")
-
-
-def check_config(job: Job, config: str) -> None:
-    """A run directory holds one config: resuming it with another is one error that shows
-    the differing bindings and says how to start fresh. Only how long it trains
-    (``*.max_steps``) may change: a resumed run with more steps trains on."""
-    saved = Path(job.run_dir) / "config.gin"
-    if not saved.is_file():
-        return
-    before, now = saved.read_text().splitlines(), config.splitlines()
-    old = [line for line in before if line not in now and line.strip()
-           and not _LONGER.match(line)]
-    new = [line for line in now if line not in before and line.strip()
-           and not _LONGER.match(line)]
-    if not old and not new:
-        return
-    shown = "; ".join([*(f"was `{x}`" for x in old[:3]), *(f"now `{x}`" for x in new[:3])])
-    more = len(old) + len(new) - min(3, len(old)) - min(3, len(new))
-    raise UserError(f"run directory {job.run_dir} holds a run of another config ({shown}"
-                    f"{f'; {more} more' if more else ''}): run it with the bindings in "
-                    f"{saved}, or start fresh with another --run_dir (or delete that directory)")
+def expand(job: Job, sweeps: Sequence[tuple[str, list[str]]] = ()) -> Plan:
+    """The plan of a prepared job (its spec parsed into gin by ``prepare``): a pipeline's
+    stages, a sweep's members, or the run itself. Every step's bindings are parsed now, so
+    that a bad one is one error before anything runs or is submitted."""
+    if any(line.startswith("pipeline.") for line in gin.config_str().splitlines()):
+        if sweeps:
+            raise UserError("--sweep does not apply to a pipeline spec: bind the stages' "
+                            "values with pipeline.params")
+        config = gin.config_str()
+        plan = pipeline_plan(job)
+        plan.config = config
+    else:
+        steps = sweep_steps(job, sweeps, checkpoint_directory())
+        if not steps:
+            return single(job)
+        plan = Plan(job.run_dir, steps, "sweep", job.command, list(job.params))
+    for step in plan.steps:
+        load_spec(step.job.spec, step.job.params)
+        check_config(step.job, gin.config_str())
+    return plan
 
 
 def init_run_dir(job: Job) -> Path:
@@ -173,13 +166,16 @@ def run_job(job: Job, rank: int = 0, world_size: int = 1, local_rank: int = 0,
 
 
 def _request(ctx: Context, backbone: torch.nn.Module, model: torch.nn.Module | None = None,
-             ckpt: Path | None = None, step: int | None = None,
-             in_sweep: bool = False) -> EvalRequest:
-    """The request of one evaluation in this process (``step``: default the run's)."""
+             ckpt: Path | None = None) -> EvalRequest:
+    """The request of one evaluation in this process; its step is the run's, or the one a
+    ``step_NNNNNNN.pt`` checkpoint was saved at."""
+    from virtex.checkpoint import step_of
+
+    step = step_of(Path(ckpt).resolve()) if ckpt is not None and model is None else None
     return EvalRequest(backbone=backbone, device=ctx.device, run_dir=ctx.run_dir,
                        logger=ctx.logger, model=model, ckpt=ckpt,
                        step=ctx.step if step is None else step, rank=ctx.rank,
-                       world_size=ctx.world_size, seed=ctx.seed, in_sweep=in_sweep)
+                       world_size=ctx.world_size, seed=ctx.seed)
 
 
 def _evaluate(evaluators: Sequence[Callable], request: EvalRequest,
@@ -207,58 +203,6 @@ def _evaluate(evaluators: Sequence[Callable], request: EvalRequest,
     return total
 
 
-def _read_sweep(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write_sweep(path: Path, rows: list[dict[str, Any]]) -> None:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    buffer = io_module.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    io.write_text(path, buffer.getvalue())
-
-
-def sweep(ctx: Context, directory: Path, backbone: Callable[[], torch.nn.Module],
-          evaluators: Sequence[Callable], weight_init: str) -> EvalResult:
-    """Evaluate every checkpoint in ``directory`` (skipping those already in ``sweep.csv``);
-    metrics against step go to tensorboard and ``sweep.csv``: the curve the paper plots.
-    Returns the latest checkpoint's result."""
-    from virtex.checkpoint import list_checkpoints, step_of
-
-    paths = list_checkpoints(directory)
-    if not paths:
-        raise UserError(f"checkpoint directory '{directory}' holds no step_*.pt checkpoints")
-    csv_path = ctx.run_dir / "sweep.csv"
-    rows = _read_sweep(csv_path)
-    done = {int(r["step"]) for r in rows}
-    latest = EvalResult()
-    for path in paths:
-        step = step_of(path) or 0
-        if step in done:
-            ctx.info(f"sweep: step {step} already evaluated, skipped")
-            continue
-        net = backbone()
-        load_backbone_weights(net, path, weight_init)
-        latest = _evaluate(evaluators, _request(ctx, net.to(ctx.device), ckpt=path, step=step,
-                                                in_sweep=True))
-        ctx.log(latest.metrics, step)
-        if ctx.rank == 0:
-            rows.append({"step": step, "checkpoint": str(path), **latest.metrics})
-            rows.sort(key=lambda r: int(r["step"]))
-            _write_sweep(csv_path, rows)
-    if not latest.metrics and rows:
-        latest = EvalResult({k: float(v) for k, v in rows[-1].items()
-                             if k not in ("step", "checkpoint")})
-    return latest
-
-
 @gin.configurable("experiment", denylist=["ctx"])
 def experiment(
     ctx: Context,
@@ -273,7 +217,8 @@ def experiment(
     """Pretrain ``task`` with ``trainer`` (if given), then run ``evaluators`` on the backbone.
 
     Without a task, the backbone comes from ``backbone()`` initialised from ``ckpt``
-    as ``weight_init`` says; a directory ``ckpt`` evaluates every checkpoint in it.
+    as ``weight_init`` says (a directory ``ckpt`` is a sweep: :mod:`virtex.plan` makes it
+    one run per checkpoint).
     ``compare_random_init`` also runs the evaluators on a randomly initialised
     backbone (metrics prefixed ``random_init/``). Returns every metric and summary line.
     """
@@ -287,12 +232,16 @@ def experiment(
         outcome.metrics["train/seconds"] = time.perf_counter() - start
         net = model.visual
     elif backbone is not None and ckpt is not None and Path(ckpt).is_dir():
-        outcome = sweep(ctx, Path(ckpt), backbone, evaluators, weight_init)
-        evaluators = ()
+        raise UserError(f"experiment.ckpt '{ckpt}' is a directory: a checkpoint sweep is a "
+                        "plan of one run per checkpoint (python -m virtex.run expands it)")
     elif backbone is not None:
         net = backbone()
         load_backbone_weights(net, ckpt, weight_init)
         path = Path(ckpt) if ckpt is not None else None
+        if path is not None:
+            real = path.resolve()
+            ctx.info(f"backbone: {weight_init} weights from {path}"
+                     + (f" (a link to {real})" if real != path.absolute() else ""))
     elif evaluators:
         raise UserError("experiment.evaluators need experiment.backbone or experiment.task")
     else:

@@ -81,7 +81,7 @@ def virtex_evaluators() -> Factories:
     """Evaluators: ``evaluator(request) -> EvalResult`` (:class:`virtex.evaluation.api.Evaluator`).
 
     ``request`` is an immutable :class:`virtex.evaluation.api.EvalRequest` (backbone, model,
-    ckpt, step, device, rank, world_size, in_sweep, run_dir, seed; ``log``/``info``); the
+    ckpt, step, device, rank, world_size, run_dir, seed; ``log``/``info``); the
     result (:class:`~virtex.evaluation.api.EvalResult`) holds the metrics, summary lines and
     files written. Checked when built: what the factory builds must be callable.
     """
@@ -93,9 +93,10 @@ def virtex_launchers() -> Factories:
 
     ``python -m virtex.run --launcher NAME`` builds one, calls ``add_arguments(parser)`` (its
     own command-line options; ``--help`` lists every launcher's), ``set_options(options)``
-    with the parsed command line, then ``launch(job)`` (a :class:`virtex.experiment.Job`), which
-    returns a :class:`virtex.contracts.LaunchResult`: the return code and whether the run
-    finished (its summary is then printed) or was only submitted.
+    with the parsed command line, then ``launch(plan)`` (a :class:`virtex.plan.Plan`: the
+    steps to place, in order, with their dependencies), which returns a
+    :class:`virtex.contracts.LaunchResult`: the return code and whether the runs finished
+    (the summary is then printed) or were only submitted.
     """
 
 

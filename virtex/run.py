@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="processes per node (GPUs; on a CPU-only machine, gloo CPU processes)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
+                   help="one run per value, in RUN_DIR/NAME=V/ (repeatable: every combination); "
+                        "with a checkpoint directory ckpt, every checkpoint x value; "
+                        "RUN_DIR/sweep.csv collects them")
     return p
 
 
@@ -106,7 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if value is not None and value < 1:
                 raise UserError(f"{flag} {value}: expected a number >= 1")
         launcher.set_options(args)
-        from virtex.experiment import check_config, prepare
+        from virtex.experiment import check_config, expand, prepare
+        from virtex.plan import parse_sweep
+
+        sweeps = [parse_sweep(s) for s in args.sweep]
 
         job = prepare(args.spec, args.gin_param, args.run_dir, args.gpus, args.nodes, args.seed, argv)
         if args.print_config:
@@ -117,8 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if any(Path(job.run_dir).rglob("step_*.pt")):
                 raise UserError(f"{job.run_dir} already has checkpoints and --no-resume was given: "
                                 "choose another --run_dir")
+        plan = expand(job, sweeps)
         label = label_of(launcher, f"launchers.{args.launcher}")
-        result = check_launch_result(launcher.launch(job), label)
+        result = check_launch_result(launcher.launch(plan), label)
         summary = Path(job.run_dir) / "summary.md"
         # a launcher that only submitted the run (or printed a script) has no summary to show
         if result.returncode == 0 and result.finished and summary.is_file():

@@ -174,15 +174,13 @@ class CocoCaptioning:
         if request.rank != 0:
             return EvalResult()
         rows.sort(key=lambda r: r["image_id"])
-        name = (f"predictions_step_{request.step:07d}.json" if request.in_sweep
-                else "predictions.json")
+        name = "predictions.json"
         write_json(request.run_dir / name, rows)
         references = {r.image_id: r.captions for r in records}
         scores = caption_metrics.score_captions(rows, references, spice=self.spice,
                                                 spice_jar_dir=self.spice_jar_dir)
         metrics = {f"coco_captioning/{k}": v for k, v in scores.items()}
-        if not request.in_sweep:  # a sweep logs each checkpoint's metrics itself
-            request.log(metrics)
+        request.log(metrics)
         request.info(f"{name}: {len(rows)} captions; " + ", ".join(
             f"{k} {v:.2f}" for k, v in scores.items()))
         summary = [f"COCO {self.split} captions ({name}), e.g.:"]

@@ -33,9 +33,8 @@ class EvalRequest:
 
     ``backbone`` is loaded (from ``ckpt``, or trained by this run) and on ``device``;
     ``model`` is the pretraining task model when this run trained one (else None);
-    ``step`` is the training step of the weights (a sweep: the checkpoint's step);
-    ``in_sweep`` says this is one checkpoint of a checkpoint-directory sweep (the sweep
-    logs the metrics of each checkpoint itself).
+    ``step`` is the training step of the weights (this run's, or the step a
+    ``step_NNNNNNN.pt`` checkpoint was saved at).
     """
 
     backbone: nn.Module
@@ -48,7 +47,6 @@ class EvalRequest:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
-    in_sweep: bool = False
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Metrics to tensorboard and ``metrics.jsonl`` (rank 0), at ``step`` (default: the
