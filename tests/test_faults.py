@@ -270,7 +270,7 @@ def test_an_empty_spec_is_one_error(tmp_path):
     assert res.returncode == 2
     assert _error_line(res) == (f"virtex: error: spec {spec} runs nothing: it binds no "
                                 "experiment (experiment.task to pretrain, experiment.evaluators "
-                                "to evaluate)")
+                                "to evaluate) and no pipeline")
     assert not (tmp_path / "run").exists()
 
 
