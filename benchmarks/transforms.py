@@ -1,6 +1,6 @@
 """Images/s per core of the image pipeline: a plain PIL + torchvision baseline vs ours.
 
-    python benchmarks/data.py [--images DIR] [--n 200] [--size 224] [--rounds 5] [--px 480 640]
+    python benchmarks/transforms.py [--images DIR] [--n 200] [--size 224] [--rounds 5] [--px 480 640]
 
 Without ``--images`` it writes ``n`` synthetic-shapes JPEGs with sides of 480-640 px
 (COCO-sized; ``--px``) with ``virtex.tools.make_shapes`` into a temp dir. All
