@@ -73,3 +73,21 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
         if "loss/total" in row:
             out[row["step"]] = row["loss/total"]
     return out
+
+
+def shapes_shards(directory: Path, images: int, seed: int = 0) -> list[str]:
+    """Write the built-in shapes as caption shards with ``python -m virtex.tools.make_shapes
+    --format shards`` under ``directory`` and return the spec lines that make a pretraining
+    spec read them (``datasets.caption_shards``, the spec's tokenizer and train transform)."""
+    out = Path(directory) / "shapes_shards"
+    res = subprocess.run([sys.executable, "-m", "virtex.tools.make_shapes", "--out", str(out),
+                          "--images", str(images), "--seed", str(seed), "--format", "shards"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    tars = sorted((out / "shards").glob("train-*.tar"))
+    assert len(tars) >= 8, tars
+    pattern = f"{out}/shards/train-{{00000..{len(tars) - 1:05d}}}.tar"
+    return ["trainer.dataset = @datasets.caption_shards()",
+            f"datasets.caption_shards.shards = '{pattern}'",
+            "datasets.caption_shards.tokenizer = @tokenizer()",
+            "datasets.caption_shards.transform = @transforms.train()"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from cli import REPO, run_cli
+from cli import REPO, run_cli, shapes_shards
 
 from virtex import dist
 from virtex.models.visual import ResNetBackbone
@@ -112,6 +112,8 @@ def test_the_installed_package_registers_the_task(site, tmp_path):
 
 @pytest.mark.slow
 def test_bag_of_words_idf_pretraining_beats_random_init_on_voc07(site, tmp_path):
+    """Pretrain on the built-in caption shards: the backbone beats random init on the
+    built-in VOC07."""
     spec = tmp_path / "bow_quick.gin"
     spec.write_text("\n".join([
         "include 'quickstart.gin'",
@@ -119,11 +121,13 @@ def test_bag_of_words_idf_pretraining_beats_random_init_on_voc07(site, tmp_path)
         "tasks.bag_of_words_idf.visual = %visual",
         "tasks.bag_of_words_idf.tokenizer = @tokenizer()",
         "experiment.evaluators = [@evaluators.voc07_svm()]",
+        *shapes_shards(tmp_path, images=1000),
     ]) + "\n")
     run = tmp_path / "run"
     res = run_cli(str(spec), "--run_dir", str(run), "--gin_param", "shapes_dir.images=1000",
                   "--gin_param", "trainer.max_steps=400", pythonpath=[site],
                   env={"VIRTEX_CACHE": str(tmp_path / "cache")}, timeout=1500)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "datasets.caption_shards" in (run / "operative_config.gin").read_text()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["voc07/mAP"] > metrics["random_init/voc07/mAP"] + 5.0, metrics

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cli import run_cli
+from cli import run_cli, shapes_shards
 from virtex.plugins.cappa import CapPaModel
 from virtex.plugins.models.objectives import CaptioningModel
 
@@ -97,8 +97,9 @@ def test_it_captions_with_the_shared_captioner():
     assert len(captions) == 2 and all(len(c) <= 5 for c in captions)
 
 
-def _quick_spec(tmp_path: Path) -> Path:
-    """The quickstart with CapPa as its task, VOC07 as its evaluation."""
+def _quick_spec(tmp_path: Path, data: list[str] | None = None) -> Path:
+    """The quickstart with CapPa as its task, VOC07 as its evaluation (``data``: spec lines
+    that replace its COCO-layout training data)."""
     spec = tmp_path / "cappa_quick.gin"
     spec.write_text("\n".join([
         "include 'quickstart.gin'",
@@ -108,6 +109,7 @@ def _quick_spec(tmp_path: Path) -> Path:
         "tasks.cappa.tokenizer = @tokenizer()",
         "tasks.cappa.parallel_prob = 0.75",
         "experiment.evaluators = [@evaluators.voc07_svm()]",
+        *(data or []),
     ]) + "\n")
     return spec
 
@@ -123,11 +125,14 @@ def test_parallel_prob_outside_0_1_is_one_error(tmp_path):
 
 @pytest.mark.slow
 def test_cappa_pretraining_beats_random_init_on_voc07(tmp_path):
-    """Pretrain CapPa briefly on the built-in data: its backbone beats random init."""
+    """Pretrain CapPa briefly on the built-in caption shards: its backbone beats random init
+    on the built-in VOC07."""
     run = tmp_path / "run"
-    res = run_cli(str(_quick_spec(tmp_path)), "--run_dir", str(run), "--gin_param", "shapes_dir.images=1000",
+    spec = _quick_spec(tmp_path, shapes_shards(tmp_path, images=1000))
+    res = run_cli(str(spec), "--run_dir", str(run), "--gin_param", "shapes_dir.images=1000",
                   "--gin_param", "trainer.max_steps=400",
                   env={"VIRTEX_CACHE": str(tmp_path / "cache")}, timeout=1500)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "datasets.caption_shards" in (run / "operative_config.gin").read_text()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["voc07/mAP"] > metrics["random_init/voc07/mAP"] + 5.0, metrics

@@ -6,6 +6,7 @@ each test checks known pixel values after :func:`virtex.data.transforms.load_ima
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -31,6 +32,9 @@ def _decoded(path: Path, mode: str) -> np.ndarray:
     pixels = np.asarray(rgb)
     lazy = T.decode_tensor(T.open_image(path))[0].permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(lazy, pixels)
+    # from bytes in memory, as a caption shard's image is read
+    memory = T.decode_tensor(T.open_image(io.BytesIO(path.read_bytes())))[0]
+    np.testing.assert_array_equal(memory.permute(1, 2, 0).numpy(), pixels)
     return pixels
 
 
@@ -116,6 +120,16 @@ def test_gray(tmp_path: Path) -> None:
     assert _gray_row(_decoded(path, "L")) == [0, 77, 255]
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_decodes_alike_from_a_file_and_from_bytes(tmp_path: Path, mode: str) -> None:
+    """torchvision's decode (a file, or bytes as a caption shard holds them) gives PIL's pixels."""
+    path = tmp_path / f"{mode}.jpg"
+    noise = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    Image.fromarray(noise).convert(mode).save(path, quality=90)
+    pixels = _decoded(path, mode)
+    assert pixels.shape == (24, 40, 3) and len(np.unique(pixels)) > 100
+
+
 def test_bilevel(tmp_path: Path) -> None:
     path = tmp_path / "bits.png"
     Image.fromarray(np.array([[True, False, True]])).save(path)
@@ -168,6 +182,8 @@ def test_exif_orientation_in_every_decode_path(tmp_path: Path, orientation: int)
     again = T.decode(T.load_image(path))[0]  # decoding a decoded image does not turn it again
     np.testing.assert_array_equal(np.asarray(again), full)
     _assert_upright(T.decode_tensor(T.open_image(path))[0].permute(1, 2, 0).numpy())
+    memory = T.decode_tensor(T.open_image(io.BytesIO(path.read_bytes())))[0]
+    _assert_upright(memory.permute(1, 2, 0).numpy())
     for resize in (T.Resize(32, mode="exact"), T.Resize(32, mode="antialias")):
         out = resize({"image": T.open_image(path)})["image"]
         assert out.shape == (3, 32, 48)

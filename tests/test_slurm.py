@@ -19,6 +19,7 @@ import torch
 from cli import make_distribution, run_cli, tiny_pretrain
 
 from virtex.run import main
+from virtex.tools.make_shapes import generate
 
 # a test-only plugin: an evaluator whose metric is known from the checkpoint it evaluates
 NORM_PLUGIN = '''
@@ -311,6 +312,57 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(partition, tiny,
     final = {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k != "train/seconds"}
     assert final == {k: v for k, v in json.loads((ref / "metrics.json").read_text()).items()
                      if k != "train/seconds"}
+
+
+@pytest.mark.slow
+@SLURM
+def test_a_preempted_shard_run_requeues_and_resumes_bitwise_mid_epoch(partition, tmp_path, jobs):
+    """Pretraining from caption shards with 2 loader workers (2 streams, each with its own
+    position): pre-empted mid-epoch, the requeued job resumes every stream at its exact next
+    sample, so the loss at every step equals an uninterrupted run's bitwise."""
+    # 100 scenes: 80 train images in 8 shards of 10; each stream reads 4 shards an epoch,
+    # 10 batches of 4, and gives every other step's batch: an epoch is 20 steps
+    root = generate(tmp_path / "shapes", images=100, seed=0, formats=("coco", "shards"))
+    spec, params = tiny_pretrain(tmp_path, root / "coco", batch_size=4, max_steps=50,
+                                 warmup_steps=2, checkpoint_every=15, log_every=1,
+                                 num_workers=2, cpu_threads=1)
+    with open(spec, "a") as f:
+        f.write("trainer.dataset = @datasets.caption_shards()\n"
+                "datasets.caption_shards.tokenizer = @tokenizer()\n"
+                "datasets.caption_shards.transform = @transforms.train()\n"
+                "datasets.caption_shards.shuffle_buffer = 4\n"
+                f"datasets.caption_shards.shards = '{root}/shards/train-{{00000..00007}}.tar'\n")
+    common = [str(spec), *params, "--launcher", "slurm", "--slurm_partition", partition]
+    env = {"VIRTEX_CACHE": str(tmp_path / "cache")}
+    ref, run = tmp_path / "reference", tmp_path / "preempted"
+    for d in (ref, run):
+        res = run_cli(*common, "--run_dir", str(d), env=env)
+        assert res.returncode == 0, res.stderr
+        jobs.append(_job_id(d))
+    ref_id, job_id = jobs
+
+    _wait(lambda: max(_losses(run), default=0) >= 7, "step 7", run)
+    _signal(job_id)
+    _wait(lambda: _log_count(run, "stop requested") == 1, "the checkpoint at the signal", run)
+    at = int((run / "log.txt").read_text().split("checkpoint saved at step ")[1].split()[0])
+    assert 7 <= at < 50, at
+    state = torch.load(run / "checkpoints" / f"step_{at:07d}.pt", weights_only=True)
+    positions = [p for d in state["data"] for p in d["positions"].values()]
+    assert len(positions) == 2  # both workers' streams are saved
+    assert any(s["shard"] or s["emitted"] for p in positions for s in p["sources"]), positions
+    _wait(lambda: _log_count(run, "resumed from") == 1, "the requeued job", run)
+    assert f"resumed from {run}/checkpoints/step_{at:07d}.pt at step {at}" in \
+        (run / "log.txt").read_text()
+    _wait(lambda: _state(job_id) == "COMPLETED", "the job to finish", run)
+    _wait(lambda: _state(ref_id) == "COMPLETED", "the reference job to finish", ref)
+
+    scontrol = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True,
+                              text=True).stdout
+    restarts = int(scontrol.split("Restarts=")[1].split()[0])
+    assert restarts >= 1, scontrol
+    expected = _losses(ref)
+    assert sorted(expected) == list(range(1, 51))
+    assert _losses(run) == expected  # bitwise, every step
 
 
 @pytest.mark.slow

@@ -47,7 +47,8 @@ class StreamingDataset(Protocol):
 
 
 class SampleSeeded(Dataset):
-    """Seeds every RNG from the key before each sample, so augmentation is reproducible."""
+    """Seeds the CPU RNGs (torch, random, numpy) from the key before each sample, so
+    augmentation is reproducible."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -68,7 +69,8 @@ class SampleSeeded(Dataset):
                 np.random.set_state(np_state)
 
     def _seeded(self, index: int, seed: int) -> Any:
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU RNG only: seeding every
+        # device's (torch.manual_seed) costs ~1 ms a sample and would reseed a GPU's dropout
         random.seed(seed)
         np.random.seed(seed % 2**32)
         return self.dataset[index]

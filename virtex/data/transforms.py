@@ -29,6 +29,7 @@ PIL's ``Image.draft``), skipping most of the work. Two rules use it:
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import warnings
@@ -128,17 +129,22 @@ def decode(img: Image.Image, factor: int = 1) -> tuple[Image.Image, float]:
 def decode_tensor(img: Image.Image, factor: int = 1) -> tuple[torch.Tensor, float]:
     """Like :func:`decode` but gives a uint8 CHW tensor (RGB, channels-last memory).
 
-    A lazy JPEG decoded at full size goes straight into a tensor with
-    ``torchvision.io.decode_jpeg`` (same libjpeg-turbo pixels as PIL, without PIL's
-    copy out to numpy); anything else is decoded by PIL.
+    A lazy JPEG decoded at full size, opened from a file or from bytes in memory (a
+    shard's ``io.BytesIO``), goes straight into a tensor with ``torchvision.io.decode_jpeg``
+    (same libjpeg-turbo pixels as PIL, without PIL's copy out to numpy); anything else is
+    decoded by PIL.
     """
     path = getattr(img, "filename", "")
+    memory = getattr(img, "fp", None) if not path else None
     if (factor == 1 and is_lazy(img) and img.format == "JPEG" and img.mode in ("RGB", "L")
-            and path and decode_jpeg and orientation(img) == 1):
+            and (path or isinstance(memory, io.BytesIO)) and decode_jpeg
+            and orientation(img) == 1):
         try:
             with warnings.catch_warnings():  # the deprecation notice, once per image
                 warnings.simplefilter("ignore", DeprecationWarning)
-                pixels = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+                data = read_file(str(path)) if path else \
+                    torch.frombuffer(bytearray(memory.getbuffer()), dtype=torch.uint8)
+                pixels = decode_jpeg(data, mode=ImageReadMode.RGB)
             img.close()
             return pixels, 1.0
         except RuntimeError:
