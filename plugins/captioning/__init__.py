@@ -131,8 +131,8 @@ class CocoCaptioning:
     """Caption COCO ``root/<split>`` (references in ``root/annotations/captions_<split>.json``)
     and score against the references with pycocoevalcap.
 
-    Writes ``predictions.json`` (COCO results format; ``predictions_step_XXXXXXX.json`` per
-    checkpoint of a sweep) into the run directory. Returns ``coco_captioning/<metric>``
+    Writes ``predictions.json`` (COCO results format) into the run directory (in a sweep,
+    each checkpoint's run has its own). Returns ``coco_captioning/<metric>``
     for BLEU-1..4, METEOR, ROUGE-L, CIDEr and SPICE (skipped with a warning when the
     Stanford CoreNLP jars are not in ``spice_jar_dir``; see caption_metrics.py), on
     the paper's scale (100 x pycocoevalcap's: CIDEr 0..1000). ``num_images`` limits the
