@@ -30,6 +30,7 @@ SMALL = ["shapes_dir.images=300", "pretrain:trainer.max_steps=6",
          "imagenet:epochs=1", "imagenet:batch_size=32", "inat:image_size=32", "inat:epochs=1",
          "inat:batch_size=32", "detection_settings.max_steps=2",
          "detection_settings.checkpoint_every=2", "detection_settings.batch_size=2",
+         "detection_settings.milestones=(1,)", "detection_settings.warmup_steps=1",
          "captioning:evaluators.coco_captioning.image_size=32",
          "captioning:evaluators.coco_captioning.resize=32"]
 

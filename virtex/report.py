@@ -25,9 +25,21 @@ from pathlib import Path
 from virtex import io, zoo
 from virtex.errors import UserError
 
-# our metric key -> (row label, zoo field with the number the paper reports)
-PAPER_ROWS = {"voc07/mAP": ("VOC07 linear SVM, mAP", "voc07_mAP"),
-              "imagenet/top1": ("ImageNet linear, top-1", "imagenet_top1")}
+# our metric key -> (row label, zoo field with the number the paper reports, if the
+# project keeps it): the paper's tasks, in the paper's order
+PAPER_ROWS: dict[str, tuple[str, str | None]] = {
+    "voc07/mAP": ("VOC07 linear SVM, mAP", "voc07_mAP"),
+    "imagenet/top1": ("ImageNet linear, top-1", "imagenet_top1"),
+    "inat/top1": ("iNaturalist 2018 fine-tuning, top-1", None),
+    "coco/bbox_AP": ("COCO Mask R-CNN, box AP", None),
+    "coco/segm_AP": ("COCO Mask R-CNN, mask AP", None),
+    "lvis/segm_AP": ("LVIS Mask R-CNN, mask AP", None),
+    "voc_det/AP50": ("VOC07+12 Faster R-CNN, AP50", None),
+    "coco_captioning/CIDEr": ("COCO captioning, CIDEr", None),
+    "coco_captioning/SPICE": ("COCO captioning, SPICE", None),
+}
+# bookkeeping a run also records, not results
+_NOT_RESULTS = ("/backend_detectron2", "/images")
 
 
 @dataclass
@@ -163,12 +175,13 @@ def table(report: Report) -> list[tuple[str, str, str]]:
     rows = []
     for key, (label, published) in PAPER_ROWS.items():
         ours = report.results.get(key)
-        paper = getattr(report.model, published) if report.model else None
+        paper = getattr(report.model, published) if report.model and published else None
         if ours is not None or paper is not None:
             rows.append((label, "—" if ours is None else f"{ours:.2f}",
                          "—" if paper is None else f"{paper:.1f}"))
     rows += [(key, f"{value:.2f}", "—") for key, value in sorted(report.results.items())
-             if key not in PAPER_ROWS]
+             if key not in PAPER_ROWS and not key.endswith(_NOT_RESULTS)
+             and value == value]  # NaN: a metric with nothing to measure (no large objects)
     return rows
 
 
