@@ -326,8 +326,7 @@ class SlurmLauncher:
                 continue
             placed = [self._placed(s, settings) for s in todo]
             params = self.parameters(placed[0][0].job, placed[0][1])
-            deps = [f"afterok:{ids[g]}" for g in todo[0].after if g in ids]
-            deps += [f"after:{ids[g]}" for g in todo[0].starts_after if g in ids]
+            deps = _dependencies(todo[0], ids)
             if deps:  # a failed dependency cancels this job instead of leaving it pending
                 params["dependency"] = ",".join(deps)
                 params["additional_parameters"] = {**params.get("additional_parameters", {}),
@@ -356,7 +355,7 @@ class SlurmLauncher:
             script = folder / f"{job_id}.sbatch"
             submitted = jobs[0].paths.submission_file
             io.write_text(script, submitted.read_text() if submitted.is_file() else "")
-            first = first or {"job_id": job_id, "sbatch": str(script), "params": params}
+            first = first or {"job_id": job_id, "sbatch": str(script)}
             what = f"job array {job_id} ({len(jobs)} tasks)" if array else f"job {job_id}"
             after = f", after {params['dependency']}" if deps else ""
             print(f"submitted SLURM {what}{f' for {group}' if plan.kind == 'pipeline' else ''}: "
@@ -388,8 +387,7 @@ class SlurmLauncher:
             array = _is_array(plan, steps)
             placed = [self._placed(s, settings) for s in steps]
             params = self.parameters(placed[0][0].job, placed[0][1])
-            deps = [f"afterok:<{g}>" for g in steps[0].after]
-            deps += [f"after:<{g}>" for g in steps[0].starts_after]
+            deps = _dependencies(steps[0], {g: f"<{g}>" for g, _ in plan.groups()})
             if plan.kind == "pipeline":
                 print(f"# -- {group}" + (f" (dependency {','.join(deps)})" if deps else ""))
             print(_make_sbatch_string(command=command, folder=folder,
@@ -399,6 +397,14 @@ class SlurmLauncher:
                     own = [p for p in s.job.params if p not in plan.shared]
                     print(f"# array task {i}: {' '.join(own)} -> {s.job.run_dir}")
         return LaunchResult(returncode=0, finished=False)
+
+
+def _dependencies(step: Step, ids: dict[str, str]) -> list[str]:
+    """sbatch ``--dependency`` terms of ``step``: ``afterok`` on the groups it needs done,
+    ``after`` on those it needs started, for the groups that have a job in ``ids``."""
+    return [f"{kind}:{ids[g]}" for kind, groups in (("afterok", step.after),
+                                                    ("after", step.starts_after))
+            for g in groups if g in ids]
 
 
 def _is_array(plan: Plan, steps: list[Step]) -> bool:

@@ -165,6 +165,13 @@ def test_a_bad_pipeline_binding_is_one_error(tmp_path, params, needle):
         _plan(tmp_path, *params)
 
 
+def test_a_stage_whose_spec_runs_nothing_is_one_error(tmp_path):
+    empty = tmp_path / "empty.gin"
+    empty.write_text("ckpt = None\nshapes_dir.images = 10\n")  # takes ckpt, runs nothing
+    with pytest.raises(UserError, match=f"pipeline step 'x': spec {empty} runs nothing"):
+        _plan(tmp_path, f"pipeline.downstream={{'x': '{empty}'}}", "pipeline.params={}")
+
+
 def test_a_stage_binding_on_a_plain_spec_is_one_error(tmp_path, capsys):
     rc = main(["quickstart", "--gin_param", "pretrain:trainer.max_steps=3", "--print_config"])
     err = capsys.readouterr().err

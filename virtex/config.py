@@ -115,7 +115,7 @@ def parse_spec(
 
     The configurables it binds must be registered first: plugins' by the registry, the
     kernel's (``experiment``, ``trainer``, ``shapes_dir``) by importing
-    :mod:`virtex.experiment`, whose :func:`~virtex.experiment.load_spec` is what callers use.
+    :mod:`virtex.experiment`; :func:`load_spec` (below) is what callers use.
     """
     gin.clear_config()
     for d in spec_dirs:

@@ -32,6 +32,7 @@ from virtex.job import Job, check_config
 from virtex.pipeline import pipeline_plan, stage_binding
 from virtex.plan import Plan, checkpoint_directory, single, sweep_steps
 from virtex.registry import get_registry
+from virtex.report import is_headline
 from virtex.weights import load_backbone_weights
 
 
@@ -45,10 +46,10 @@ def prepare(spec: str, params: Sequence[str], run_dir: str | None = None, gpus: 
     registry = get_registry()
     spec_dirs = registry.spec_dirs()
     staged = [p for p in params if stage_binding(p)]  # a pipeline's STAGE:NAME=VALUE
-    params = [*_expand_zoo(resolve_spec(spec, spec_dirs),
-                           [p for p in params if not stage_binding(p)], spec_dirs, registry),
-              *staged]
-    path = load_spec(spec, [p for p in params if not stage_binding(p)], registry)
+    own = _expand_zoo(resolve_spec(spec, spec_dirs), [p for p in params if p not in staged],
+                      spec_dirs, registry)
+    params = [*own, *staged]
+    path = load_spec(spec, own, registry)
     name = spec_name(path, spec_dirs)
     config = gin.config_str()
     pipeline = any(line.startswith("pipeline.") for line in config.splitlines())
@@ -89,11 +90,11 @@ def expand(job: Job, sweeps: Sequence[tuple[str, list[str]]] = ()) -> Plan:
     """The plan of a prepared job (its spec parsed into gin by ``prepare``): a pipeline's
     stages, a sweep's members, or the run itself. Every step's bindings are parsed now, so
     that a bad one is one error before anything runs or is submitted."""
-    if any(line.startswith("pipeline.") for line in gin.config_str().splitlines()):
+    config = gin.config_str()
+    if any(line.startswith("pipeline.") for line in config.splitlines()):
         if sweeps:
             raise UserError("--sweep does not apply to a pipeline spec: bind the stages' "
                             "values with pipeline.params")
-        config = gin.config_str()
         plan = pipeline_plan(job)
         plan.config = config
     else:
@@ -102,8 +103,12 @@ def expand(job: Job, sweeps: Sequence[tuple[str, list[str]]] = ()) -> Plan:
             return single(job)
         plan = Plan(job.run_dir, steps, "sweep", job.command, list(job.params))
     for step in plan.steps:
-        load_spec(step.job.spec, step.job.params)
-        check_config(step.job, gin.config_str())
+        path = load_spec(step.job.spec, step.job.params)
+        bound = gin.config_str()
+        if not any(line.startswith("experiment.") for line in bound.splitlines()):
+            raise UserError(f"{plan.kind} step '{step.name}': spec {path} runs nothing (it "
+                            "binds no experiment)")
+        check_config(step.job, bound)
     return plan
 
 
@@ -268,8 +273,7 @@ def format_table(metrics: dict[str, float]) -> str:
 
     Per-class details (keys with more than one ``/``) stay in ``metrics.json``.
     """
-    main = {k: v for k, v in metrics.items()
-            if not k.startswith("random_init/") and k.count("/") <= 1}
+    main = {k: v for k, v in metrics.items() if is_headline(k)}
     if not main:
         return "(no metrics)"
     random_init = {k: metrics.get(f"random_init/{k}") for k in main}

@@ -99,22 +99,22 @@ def checkpoint_steps(every: int, max_steps: int, sweep_every: int) -> list[int]:
     return sorted({*range(stride, max_steps + 1, stride), max_steps})
 
 
-def _stage_job(base: Job, spec: str, params: Sequence[str], run_dir: Path, name: str) -> Job:
-    from virtex.config import load_spec, resolve_spec, spec_name
+def _stage_job(base: Job, spec: str, params: Sequence[str], run_dir: Path) -> Job:
+    """A stage's run (its bindings are parsed and checked with every step's, by
+    :func:`virtex.experiment.expand`)."""
+    from virtex.config import resolve_spec, spec_name
     from virtex.registry import get_registry
 
     spec_dirs = get_registry().spec_dirs()
     path = resolve_spec(spec, spec_dirs)
-    load_spec(path, params)
-    if not any(line.startswith("experiment.") for line in gin.config_str().splitlines()):
-        raise UserError(f"pipeline stage '{name}': spec {path} runs nothing (it binds no "
-                        "experiment)")
     return Job(str(path), spec_name(path, spec_dirs), list(params), str(run_dir),
                base.gpus, base.nodes, base.seed, base.command)
 
 
 def pipeline_plan(job: Job) -> Plan:
     """The steps of the pipeline spec ``job`` runs (its spec is parsed into gin)."""
+    from virtex.config import load_spec
+
     got = settings()
     root = Path(job.run_dir)
     known = {"pretrain", Path(got["sweep"]).stem, *got["downstream"]}
@@ -126,8 +126,9 @@ def pipeline_plan(job: Job) -> Plan:
                 raise UserError(f"--gin_param {p}: unknown stage '{stage}', expected one of "
                                 f"{', '.join(sorted(known))}")
             staged.setdefault(stage, []).append(p.split(":", 1)[1])
-    common = [*_flat(got["common"], "pipeline.common"), *(p for p in job.params if stage_binding(p) is None
-                                and not p.split("=", 1)[0].strip().startswith("pipeline."))]
+    given = [p for p in job.params if stage_binding(p) is None
+             and not p.split("=", 1)[0].strip().startswith("pipeline.")]
+    common = [*_flat(got["common"], "pipeline.common"), *given]
     for table in ("params", "resources"):
         for stage in got[table]:
             if stage not in known:
@@ -143,7 +144,8 @@ def pipeline_plan(job: Job) -> Plan:
 
     # pretraining, keeping every checkpoint the sweep evaluates
     pretrain_dir = root / "pretrain"
-    pretrain = _stage_job(job, got["pretrain"], stage_params("pretrain"), pretrain_dir, "pretrain")
+    pretrain = _stage_job(job, got["pretrain"], stage_params("pretrain"), pretrain_dir)
+    load_spec(pretrain.spec, pretrain.params)  # how often it checkpoints, how long it trains
     every, max_steps = int(_bound("trainer.checkpoint_every")), int(_bound("trainer.max_steps"))
     pretrain.params.append(f"trainer.keep_every={every * got['sweep_every']}")
     last = pretrain_dir / "checkpoints" / f"step_{max_steps:07d}.pt"
@@ -158,7 +160,7 @@ def pipeline_plan(job: Job) -> Plan:
         path = ckpts / f"step_{step:07d}.pt"
         label = path.stem
         run = _stage_job(job, got["sweep"], [*stage_params(name), f"ckpt='{path}'"],
-                         sweep_dir / label, name)
+                         sweep_dir / label)
         members.append(Step(f"{name}/{label}", run, group=name, starts_after=["pretrain"],
                             before=[Action("wait_for", {"path": str(path),
                                                         "producer": str(pretrain_dir)})],
@@ -177,7 +179,7 @@ def pipeline_plan(job: Job) -> Plan:
                                "steps": list(got["select_steps"]) if got["select_steps"] else None})
     for stage, spec in got["downstream"].items():
         run = _stage_job(job, spec, [*stage_params(stage), f"ckpt='{root / 'best.pt'}'"],
-                         root / stage, stage)
+                         root / stage)
         steps.append(Step(stage, run, after=[name], before=[choose],
                           then=[Action("report", {"run_dir": str(root)})],
                           resources=resources(stage)))

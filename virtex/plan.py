@@ -35,6 +35,8 @@ from typing import Any
 from virtex import io
 from virtex.errors import UserError
 from virtex.job import Job
+from virtex.report import is_headline
+from virtex.report import write as write_report
 
 
 @dataclass
@@ -234,7 +236,7 @@ def wait_for(path: str, producer: str, every: float = 5.0) -> None:
 
 
 def _headline(metrics: Sequence[str]) -> list[str]:
-    return [k for k in metrics if k.count("/") <= 1 and not k.startswith("random_init/")]
+    return [k for k in metrics if is_headline(k)]
 
 
 def collect(parent: str, members: Sequence[Sequence[Any]], curve_dir: str | None = None) -> bool:
@@ -330,8 +332,6 @@ def select(sweep: str, metric: str, out: str, steps: Sequence[int | None] | None
 
 def report(run_dir: str) -> None:
     """The pipeline's ``summary.md`` (every stage's headline metrics) and the report."""
-    from virtex import report as report_module
-
     root = Path(run_dir)
     plan = json.loads((root / "plan.json").read_text())
     best = root / "best.json"
@@ -349,7 +349,7 @@ def report(run_dir: str) -> None:
         lines += ["", f"chosen checkpoint: step {chosen['step']} ({chosen['metric']} "
                       f"{chosen['value']:.2f}): {chosen['checkpoint']}"]
     io.write_text(root / "summary.md", "\n".join(lines) + "\n")
-    report_module.write(root)
+    write_report(root)
 
 
 ACTIONS = {"wait_for": wait_for, "collect": collect, "select": select, "report": report}

@@ -42,6 +42,12 @@ PAPER_ROWS: dict[str, tuple[str, str | None]] = {
 _NOT_RESULTS = ("/backend_detectron2", "/images")
 
 
+def is_headline(key: str) -> bool:
+    """A metric the summary tables show: at most one ``/`` (per-class details have more),
+    not a ``random_init/`` comparison."""
+    return key.count("/") <= 1 and not key.startswith("random_init/")
+
+
 @dataclass
 class Report:
     run_dir: Path
@@ -117,7 +123,7 @@ def collect(run_dir: str | Path) -> Report:
         metrics = run / "metrics.json"
         if metrics.is_file():
             for key, value in json.loads(metrics.read_text()).items():
-                if key.count("/") <= 1 and not key.startswith(("random_init/", "train/")):
+                if is_headline(key) and not key.startswith("train/"):
                     report.results.setdefault(key, float(value))
     best = run_dir / "best.json"
     if best.is_file():
