@@ -130,6 +130,28 @@ def _log_count(run_dir: Path, needle: str) -> int:
     return path.read_text().count(needle) if path.is_file() else 0
 
 
+def _submit_reference_and_run(common: list[str], tmp_path: Path,
+                              jobs: list[str]) -> tuple[Path, Path, str, str]:
+    """Submit the same run twice, at once (the test node has a CPU for each): an
+    uninterrupted reference and the one a test pre-empts. Their dirs and job ids."""
+    env = {"VIRTEX_CACHE": str(tmp_path / "cache")}
+    ref, run = tmp_path / "reference", tmp_path / "preempted"
+    for d in (ref, run):
+        res = run_cli(*common, "--run_dir", str(d), env=env)
+        assert res.returncode == 0, res.stderr
+        assert "submitted SLURM job" in res.stdout and "state: squeue -j" in res.stdout
+        jobs.append(_job_id(d))
+    return ref, run, _job_id(ref), _job_id(run)
+
+
+def _preempt_after(run: Path, job_id: str, step: int) -> int:
+    """Pre-empt ``job_id`` once it has logged ``step``; the step it checkpointed at."""
+    _wait(lambda: max(_losses(run), default=0) >= step, f"step {step}", run)
+    _signal(job_id)
+    _wait(lambda: _log_count(run, "stop requested") == 1, "the checkpoint at the signal", run)
+    return int((run / "log.txt").read_text().split("checkpoint saved at step ")[1].split()[0])
+
+
 def _signal(job_id: str) -> None:
     """What SLURM does on pre-emption (and submitit's job._interrupt()): TERM, then USR2."""
     subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
@@ -266,20 +288,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(partition, tiny,
     common = [str(spec), *params, *_gin("trainer.max_steps=50", "trainer.checkpoint_every=10",
                                         "trainer.num_workers=1"),
               "--launcher", "slurm", "--slurm_partition", partition]
-    env = {"VIRTEX_CACHE": str(tmp_path / "cache")}
-    ref, run = tmp_path / "reference", tmp_path / "preempted"
-    for d in (ref, run):  # both at once: the test node has a CPU for each
-        res = run_cli(*common, "--run_dir", str(d), env=env)
-        assert res.returncode == 0, res.stderr
-        assert "submitted SLURM job" in res.stdout and "state: squeue -j" in res.stdout
-        jobs.append(_job_id(d))
-    ref_id, job_id = jobs
+    ref, run, ref_id, job_id = _submit_reference_and_run(common, tmp_path, jobs)
 
     # 1st pre-emption, mid-run: a checkpoint at the signal's step, requeue, resume from it
-    _wait(lambda: max(_losses(run), default=0) >= 13, "step 13", run)
-    _signal(job_id)
-    _wait(lambda: _log_count(run, "stop requested") == 1, "the checkpoint at the signal", run)
-    first = int((run / "log.txt").read_text().split("checkpoint saved at step ")[1].split()[0])
+    first = _preempt_after(run, job_id, 13)
     assert 13 <= first < 40, first
     _wait(lambda: _log_count(run, "resumed from") == 1, "the requeued job", run)
     assert f"resumed from {run}/checkpoints/step_{first:07d}.pt at step {first}" in (run / "log.txt").read_text()
@@ -333,18 +345,9 @@ def test_a_preempted_shard_run_requeues_and_resumes_bitwise_mid_epoch(partition,
                 "datasets.caption_shards.shuffle_buffer = 4\n"
                 f"datasets.caption_shards.shards = '{root}/shards/train-{{00000..00007}}.tar'\n")
     common = [str(spec), *params, "--launcher", "slurm", "--slurm_partition", partition]
-    env = {"VIRTEX_CACHE": str(tmp_path / "cache")}
-    ref, run = tmp_path / "reference", tmp_path / "preempted"
-    for d in (ref, run):
-        res = run_cli(*common, "--run_dir", str(d), env=env)
-        assert res.returncode == 0, res.stderr
-        jobs.append(_job_id(d))
-    ref_id, job_id = jobs
+    ref, run, ref_id, job_id = _submit_reference_and_run(common, tmp_path, jobs)
 
-    _wait(lambda: max(_losses(run), default=0) >= 7, "step 7", run)
-    _signal(job_id)
-    _wait(lambda: _log_count(run, "stop requested") == 1, "the checkpoint at the signal", run)
-    at = int((run / "log.txt").read_text().split("checkpoint saved at step ")[1].split()[0])
+    at = _preempt_after(run, job_id, 7)
     assert 7 <= at < 50, at
     state = torch.load(run / "checkpoints" / f"step_{at:07d}.pt", weights_only=True)
     positions = [p for d in state["data"] for p in d["positions"].values()]
