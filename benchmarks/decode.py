@@ -7,8 +7,9 @@ The model is the paper's VirTex: ResNet-50 + a 1-layer, 2048-wide Transformer he
 (L1_H2048_A32_F8192), vocabulary 10000, random weights, 224 px images. Each decoder
 (``decoder='paper'``, the original VirTex search; ``'standard'``, ours) decodes the same
 visual features in this process with ``--steps`` steps of beam search, either re-running
-the decoder over the whole prefix at every step ("naive") or feeding one token per step
-against cached keys/values ("cached"). The [EOS] and [SOS] output biases are set to -1e4
+the decoder over the whole prefix at every step ("naive"; for the paper search this is the
+original's step: every beam runs the whole textual head, its image's visual projection
+included) or feeding one token per step against cached keys/values ("cached"). The [EOS] and [SOS] output biases are set to -1e4
 so that every beam of every run goes all ``--steps`` steps (checked). The ResNet forward,
 the same for all, is timed on its own row. The naive runs decode the first
 ``--naive-batch`` images only (they are compute-bound from a few images on, so captions/s

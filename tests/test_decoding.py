@@ -70,8 +70,33 @@ def test_step_cache_logits_match_full_decoder():
         for t in range(12):
             step = head.step(tokens[:, : t + 1], None, cache)
             assert torch.allclose(step, full[:, t], atol=1e-10, rtol=0)
-    assert cache.length == 12 and cache.layers[0]["k"].shape == (3, 4, 12, 16)
+    assert cache.length == 12 and cache.layers[0].buffers[0].shape == (3, 20, 1, 4, 16)
 
+
+
+def test_beams_share_their_images_cross_attention_and_reorder_exactly():
+    """Rows i*B .. i*B+B-1 (beams of image i) read image i's cross-attention keys/values,
+    stored once; reordering beams mid-caption gives the logits of the reordered prefixes."""
+    head, beams = random_head(1), 4
+    memory = head.encode_visual(features(3, 1))
+    tokens = torch.randint(5, VOCAB, (3 * beams, 8))
+    expanded = memory.repeat_interleave(beams, dim=0)
+    cache = head.init_cache(memory)
+    assert cache.layers[0].cross_k.size(0) == 3
+    # beams trade places within each image after 4 tokens (one row copied twice)
+    index = torch.tensor([1, 0, 3, 3, 4, 6, 5, 7, 11, 10, 8, 9])
+    reordered = torch.cat([tokens[index, :4], tokens[:, 4:]], dim=1)
+    with torch.no_grad():
+        full = head.decode(tokens, expanded)
+        after = head.decode(reordered, expanded)
+        for t in range(8):
+            if t == 4:
+                cache.reorder(index)
+            step = head.step((reordered if t >= 4 else tokens)[:, : t + 1], None, cache)
+            expected = (after if t >= 4 else full)[:, t]
+            assert torch.allclose(step, expected, atol=1e-10, rtol=0), t
+    with pytest.raises(ValueError, match="cache holds 20 positions, 21 were fed"):
+        cache.extend(3 * beams, 13, tokens.device)
 
 def train_head(sequences: list[list[int]], steps: int = 50) -> tuple:
     """Overfit a tiny head so that image i is captioned with sequences[i]."""

@@ -129,6 +129,7 @@ def spec_objects():
 def test_paper_specs_use_the_original_transforms(spec_objects) -> None:
     """The evaluation images of the paper specs are the original's, pixel for pixel."""
     from virtex.plugins.captioning.captioner import _ImageFiles
+    from virtex.plugins.classification import _eval_transform
 
     photo = DIR / _meta()["grace_hopper"]["file"]
     voc = spec_objects("downstream/voc07", "evaluators", "voc07_svm",
@@ -146,3 +147,11 @@ def test_paper_specs_use_the_original_transforms(spec_objects) -> None:
         d = evaluator.decoding
         item = _ImageFiles([photo], d["resize"], d["image_size"], None, d["resize_mode"])[0]
         assert torch.equal(item["image"], _normalised("grace_hopper", "voc07")), spec
+    # ImageNet and iNaturalist validation images: the same short side 256 and crop 224.
+    for spec, name in [("downstream/imagenet", "imagenet_linear"),
+                       ("downstream/inat", "inaturalist")]:
+        evaluator = spec_objects(spec, "evaluators", name, ["ckpt=None", "data_root=x"])
+        assert evaluator.resize_mode == "exact", spec
+        tf = _eval_transform(evaluator.image_size, evaluator.resize, evaluator.resize_mode)
+        got = tf({"image": T.open_image(photo)})["image"]
+        assert torch.equal(got, _normalised("grace_hopper", "voc07")), spec

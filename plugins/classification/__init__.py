@@ -104,8 +104,8 @@ def train_transform(size: int = 224, scale: tuple[float, float] = (0.08, 1.0)) -
                       T.Normalize()])
 
 
-def _eval_transform(size: int, resize: int | None) -> T.Compose:
-    return T.eval_transform(resize or round(size * 256 / 224), size)
+def _eval_transform(size: int, resize: int | None, resize_mode: str) -> T.Compose:
+    return T.eval_transform(resize or round(size * 256 / 224), size, resize_mode)
 
 
 def class_counts(model: nn.Module, dataset: ImageClassificationDataset, num_classes: int,
@@ -168,14 +168,18 @@ class ImageNetLinear:
     """Linear probe on a frozen backbone over an ImageNet-layout folder
     (``root/{train,val}/<class>/*.JPEG``). Returns ``imagenet/top1`` and ``imagenet/top5``
     (percent) on the validation split. ``head`` and ``classifier_init``: see
-    :class:`LinearProbe` and :func:`classifier`.
+    :class:`LinearProbe` and :func:`classifier`. Validation images: short side to
+    ``resize``, central ``image_size`` crop; ``resize_mode='exact'`` resizes as the
+    original (bilinear, no antialiasing), ``'antialias'`` is ours (see
+    :func:`virtex.data.transforms.eval_transform`).
     """
 
     def __init__(self, root: str, trainer: Callable, epochs: int = 100, batch_size: int = 256,
                  image_size: int = 224, resize: int | None = None,
                  crop_scale: Sequence[float] = (0.08, 1.0), train_split: str = "train",
                  val_split: str = "val", eval_batch_size: int = 256, num_workers: int = 4,
-                 head: str = "linear", classifier_init: str = "virtex"):
+                 head: str = "linear", classifier_init: str = "virtex",
+                 resize_mode: str = "exact"):
         _check_choice("evaluators.imagenet_linear.head", head, HEADS,
                       "'linear': fc on pooled features, as the original; 'bn_linear': "
                       "BatchNorm1d without affine, then fc")
@@ -183,6 +187,8 @@ class ImageNetLinear:
                       CLASSIFIER_INITS, "'virtex': N(0, 0.01) weight, zero bias; 'pytorch': "
                       "nn.Linear's default")
         self.head, self.classifier_init = head, classifier_init
+        self.resize_mode = T.check_resize_mode(resize_mode,
+                                               "evaluators.imagenet_linear.resize_mode")
         self.root, self.trainer, self.epochs, self.batch_size = root, trainer, epochs, batch_size
         self.image_size, self.resize, self.crop_scale = image_size, resize, tuple(crop_scale)
         self.train_split, self.val_split = train_split, val_split
@@ -194,7 +200,8 @@ class ImageNetLinear:
         train = ImageClassificationDataset(paths, targets,
                                            train_transform(self.image_size, self.crop_scale))
         val = ImageClassificationDataset(val_paths, val_targets,
-                                         _eval_transform(self.image_size, self.resize))
+                                         _eval_transform(self.image_size, self.resize,
+                                                         self.resize_mode))
         model = LinearProbe(copy.deepcopy(request.backbone), len(classes), self.head,
                             self.classifier_init)
         model = _fit(model, self.trainer, train, self.epochs, self.batch_size, request, "linear")
@@ -209,7 +216,8 @@ class INaturalist:
     (``root/{train2018,val2018}.json``); the learning rate drops by ``gamma`` (the
     trainer's) at ``milestones`` epochs. Returns ``inat/top1`` (over images) and
     ``inat/mean_class_top1`` (mean of per-class top-1), in percent; per-class accuracies
-    go to ``run_dir/inat_per_class.json``. ``classifier_init``: see :func:`classifier`.
+    go to ``run_dir/inat_per_class.json``. ``classifier_init``: see :func:`classifier`;
+    ``resize_mode``: see :class:`ImageNetLinear`.
     """
 
     def __init__(self, root: str, trainer: Callable, epochs: int = 100,
@@ -217,11 +225,12 @@ class INaturalist:
                  image_size: int = 224, resize: int | None = None,
                  crop_scale: Sequence[float] = (0.08, 1.0), train_split: str = "train2018",
                  val_split: str = "val2018", eval_batch_size: int = 256, num_workers: int = 4,
-                 classifier_init: str = "virtex"):
+                 classifier_init: str = "virtex", resize_mode: str = "exact"):
         _check_choice("evaluators.inaturalist.classifier_init", classifier_init,
                       CLASSIFIER_INITS, "'virtex': N(0, 0.01) weight, zero bias; 'pytorch': "
                       "nn.Linear's default")
         self.classifier_init = classifier_init
+        self.resize_mode = T.check_resize_mode(resize_mode, "evaluators.inaturalist.resize_mode")
         self.root, self.trainer, self.epochs, self.batch_size = root, trainer, epochs, batch_size
         self.milestones = tuple(milestones)
         self.image_size, self.resize, self.crop_scale = image_size, resize, tuple(crop_scale)
@@ -238,7 +247,8 @@ class INaturalist:
         train = ImageClassificationDataset(paths, targets,
                                            train_transform(self.image_size, self.crop_scale))
         val = ImageClassificationDataset(val_paths, val_targets,
-                                         _eval_transform(self.image_size, self.resize))
+                                         _eval_transform(self.image_size, self.resize,
+                                                         self.resize_mode))
         model = FineTune(copy.deepcopy(request.backbone), len(classes), self.classifier_init)
         steps_per_epoch = math.ceil(len(train) / self.batch_size)
         model = _fit(model, self.trainer, train, self.epochs, self.batch_size, request, "inat",

@@ -1,9 +1,10 @@
 """Caption decoding for a :class:`TransformerTextualHead`: greedy, beam search, nucleus.
 
 :func:`beam_search_all` also returns the other beams and their scores (for alternative
-captions). Greedy, beam and nucleus decoding take ``use_cache``: True decodes incrementally (self-attention K/V cache
-grows per step; cross-attention K/V computed once per image and expanded over beams),
-False re-runs the whole decoder over the whole prefix at every step. Both paths feed the
+captions). Greedy, beam and nucleus decoding take ``use_cache``: True decodes
+incrementally (see :class:`~virtex.models.textual.KVCache`: each image's cross-attention
+keys/values are computed once and read by all its beams, and a beam reorder moves no
+keys), False re-runs the whole decoder over the whole prefix at every step. Both paths feed the
 same tokens and make the same choices, so given equal logits they give equal captions
 (tests check this exactly in float64). Call ``model.eval()`` first: dropout would make
 decoding random.
@@ -37,6 +38,8 @@ REPEAT_LOGPROB = -10000.0
 # few steps lets a GPU queue steps ahead. Finished captions only append [PAD], so the extra
 # steps change nothing.
 STOP_CHECK_EVERY = 4
+# Rows of next-token log-probs handled at once on a CPU: 32 x 10k floats stay in L2.
+CPU_CHUNK_ROWS = 32
 
 
 class _Stepper:
@@ -52,17 +55,16 @@ class _Stepper:
         self.bias: torch.Tensor | None = None  # made at the first step, in the logits' dtype
 
     def expand(self, repeats: int) -> None:
-        """Repeat each image ``repeats`` times (image i -> rows i*repeats .. +repeats-1)."""
-        index = torch.arange(self.memory.size(0), device=self.memory.device)
-        index = index.repeat_interleave(repeats)
-        self.memory = self.memory.index_select(0, index)
-        if self.cache is not None:
-            self.cache.index_select(index)
+        """Repeat each image ``repeats`` times (image i -> rows i*repeats .. +repeats-1);
+        the cache keeps one copy of each image's cross-attention keys/values."""
+        if self.cache is None:
+            index = torch.arange(self.memory.size(0), device=self.memory.device)
+            self.memory = self.memory.index_select(0, index.repeat_interleave(repeats))
 
     def reorder(self, index: torch.Tensor) -> None:
         """Beam reordering; index stays within each image's beams, so cross K/V is kept."""
         if self.cache is not None:
-            self.cache.index_select(index, include_cross=False)
+            self.cache.reorder(index)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
@@ -268,30 +270,64 @@ def _beams(head: TransformerTextualHead, visual_features: torch.Tensor, sos_idx:
 
 
 class _PaperStepper:
-    """Next-token log-probabilities of the original's decoding step for prefixes that do not
-    include [SOS] (positions 0..t-1); every fed token is attended, [PAD] id included."""
+    """Next-token logits of the original's decoding step for prefixes that do not include
+    [SOS] (positions 0..t-1); every fed token is attended, [PAD] id included.
 
-    def __init__(self, head: TransformerTextualHead, memory: torch.Tensor, beams: int,
+    Without the cache this is the original's computation: at every step each beam runs the
+    whole textual head (its image's visual features projected again, the decoder over the
+    prefix, the output layer at every position)."""
+
+    def __init__(self, head: TransformerTextualHead, visual_features: torch.Tensor,
                  use_cache: bool):
-        """``memory`` (N, S, H) of the images; rows i*beams .. +beams-1 decode image i."""
-        index = torch.arange(memory.size(0), device=memory.device).repeat_interleave(beams)
-        self.head, self.memory, self.cache = head, None, None
-        if use_cache:  # cross-attention K/V once per image, then repeated over its beams
-            self.cache = head.init_cache(memory)
-            self.cache.index_select(index)
-        else:
-            self.memory = memory.index_select(0, index)
+        self.head, self.visual = head, visual_features
+        self.memory = head.encode_visual(visual_features)
+        # cross-attention K/V once per image, shared by its beams
+        self.cache = head.init_cache(self.memory) if use_cache else None
+
+    def first(self, start: torch.Tensor) -> torch.Tensor:
+        """Step 1: [SOS] (N, 1) alone; then the rows become the images' ``beams``."""
+        if self.cache is None:
+            return self.head.decode(start, self.memory, mask_padding=False)[:, -1]
+        logits = self.head.step(start, None, self.cache)
+        self.cache.clear()  # the prefix changes: step 2 feeds position 0 again
+        return logits
+
+    def expand(self, beams: int) -> None:
+        """Rows i*beams .. +beams-1 decode image i."""
+        if self.cache is None:
+            index = torch.arange(self.visual.size(0), device=self.visual.device)
+            self.visual = self.visual.index_select(0, index.repeat_interleave(beams))
 
     def reorder(self, index: torch.Tensor) -> None:
         if self.cache is not None:
-            self.cache.index_select(index, include_cross=False)
+            self.cache.reorder(index)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
-            logits = self.head.decode(tokens, self.memory, mask_padding=False)[:, -1]
-        else:
-            logits = self.head.step(tokens, None, self.cache)
-        return logits.log_softmax(dim=-1)
+            memory = self.head.encode_visual(self.visual)
+            return self.head.decode(tokens, memory, mask_padding=False)[:, -1]
+        return self.head.step(tokens, None, self.cache)
+
+
+def _paper_proposals(logits: torch.Tensor, last: torch.Tensor, eos_idx: int,
+                     k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` best (log-prob, token), best first, under the original's rules:
+    log-softmax, then the row's ``last`` token at log-prob -10000, and after [EOS] only
+    [EOS] at 0 (its other proposals at -inf are never kept: every beam has one finite).
+    On a CPU, rows go in chunks that stay in cache across the passes over the vocabulary."""
+    chunk = CPU_CHUNK_ROWS if logits.device.type == "cpu" else logits.size(0)
+    top, tokens = [], []
+    for rows, previous in zip(logits.split(chunk), last.split(chunk)):
+        logprobs = rows.log_softmax(dim=-1).scatter_(1, previous[:, None], REPEAT_LOGPROB)
+        values, ids = logprobs.topk(k, dim=1)
+        top.append(values)
+        tokens.append(ids)
+    top, tokens = torch.cat(top), torch.cat(tokens)
+    ended = (last == eos_idx)[:, None]
+    after_eos = torch.full_like(top[:1], float("-inf"))
+    after_eos[0, 0] = 0.0
+    tokens[:, :1] = torch.where(ended, eos_idx, tokens[:, :1])
+    return torch.where(ended, after_eos, top), tokens
 
 
 @torch.no_grad()
@@ -322,24 +358,21 @@ def paper_beams(
     if beam_size < 1 or max_length < 1:
         raise ValueError(f"beam_size and max_length must be >= 1, got {beam_size}, {max_length}")
     n, b = visual_features.size(0), beam_size
-    memory = head.encode_visual(visual_features)
-    start = torch.full((n, 1), sos_idx, dtype=torch.long, device=memory.device)
-    first = head.decode(start, memory, mask_padding=False)[:, -1].log_softmax(dim=-1)
+    stepper = _PaperStepper(head, visual_features, use_cache)
+    device = stepper.memory.device
+    start = torch.full((n, 1), sos_idx, dtype=torch.long, device=device)
+    first = stepper.first(start).log_softmax(dim=-1)
     scores, tokens = first.topk(b, dim=1)
     tokens = tokens.view(n * b, 1)
-    stepper = _PaperStepper(head, memory, b, use_cache)
+    stepper.expand(b)
     k = min(PER_NODE_BEAM_SIZE, first.size(-1))
-    base = torch.arange(n, device=memory.device)[:, None] * b
-    after_eos = torch.full_like(first[0], float("-inf"))
-    after_eos[eos_idx] = 0.0
+    base = torch.arange(n, device=device)[:, None] * b
 
     for step in range(1, min(max_length, head.max_caption_length + 1)):
         last = tokens[:, -1]
         if _should_stop(step, last == eos_idx):
             break
-        logprobs = stepper(tokens).scatter(1, last[:, None], REPEAT_LOGPROB)
-        logprobs = torch.where((last == eos_idx)[:, None], after_eos, logprobs)
-        top_logprobs, top_tokens = logprobs.topk(k, dim=1)  # (N*B, k)
+        top_logprobs, top_tokens = _paper_proposals(stepper(tokens), last, eos_idx, k)
         candidates = (scores.view(n * b, 1) + top_logprobs).view(n, b * k)
         scores, picked = candidates.topk(b, dim=1)
         reorder = (base + picked // k).view(-1)

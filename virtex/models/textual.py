@@ -10,7 +10,6 @@ incremental decoding with a key/value cache is straightforward.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -106,11 +105,19 @@ class Attention(nn.Module):
         v: torch.Tensor,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Queries from ``x`` (N, T, H) attend to ``k``/``v``; ``mask`` True = may attend."""
+        """Queries from ``x`` (N, T, H) attend to ``k``/``v``; ``mask`` True = may attend.
+
+        With fewer key rows than query rows (images and their beams: rows i*B .. i*B+B-1
+        of ``x`` belong to key row i), each image's B*T queries attend together, so its
+        keys/values are read once, not B times; ``mask`` is then per image, (N/B, 1, B*T, S).
+        """
+        n, t, h = x.shape
+        if n != k.size(0):
+            x = x.reshape(k.size(0), (n // k.size(0)) * t, h)
         q = self._split(self.q_proj(x))
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return self.out_proj(out.transpose(1, 2).flatten(2))
+        return self.out_proj(out.transpose(1, 2).flatten(2)).reshape(n, t, h)
 
 
 class DecoderLayer(nn.Module):
@@ -141,14 +148,11 @@ class DecoderLayer(nn.Module):
         self.ff_dropout = nn.Dropout(dropout)  # inside the feed-forward
 
     def _self_attention(
-        self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: LayerCache | None
     ) -> torch.Tensor:
         k, v = self.self_attn.project_kv(x)
         if cache is not None:
-            if "k" in cache:
-                k = torch.cat([cache["k"], k], dim=2)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+            k, v = cache.append(k, v)
         return self.dropout(self.self_attn(x, k, v, mask))
 
     def _cross_attention(self, x: torch.Tensor, memory_kv: tuple) -> torch.Tensor:
@@ -162,9 +166,10 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         memory_kv: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None = None,
-        cache: dict | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """``memory_kv``: cross-attention keys/values; ``cache``: this layer's self-attn K/V."""
+        """``memory_kv``: cross-attention keys/values (one row per image, see
+        :meth:`Attention.forward`); ``cache``: this layer's self-attention keys/values."""
         if self.norm_first:
             x = x + self._self_attention(self.norm1(x), mask, cache)
             x = x + self._cross_attention(self.norm2(x), memory_kv)
@@ -174,19 +179,75 @@ class DecoderLayer(nn.Module):
         return self.norm3(x + self._feedforward(x))
 
 
-@dataclass
+class LayerCache:
+    """One layer's decoding state: its cross-attention keys/values (one row per image) and
+    the self-attention keys/values of every position fed, kept where they were written:
+    buffers (images, capacity, B, heads, d) for B rows (beams) per image. Reordering beams
+    moves no keys; :class:`KVCache` tracks which beam's keys each row reads."""
+
+    def __init__(self, cross_k: torch.Tensor, cross_v: torch.Tensor, capacity: int):
+        self.cross_k, self.cross_v, self.capacity = cross_k, cross_v, capacity
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.start, self.end = 0, 0  # positions written by the step in progress
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's (rows, heads, T, d) keys/values; return every image's keys/values
+        so far as (images, heads, positions * B, d), position-major."""
+        images = self.cross_k.size(0)
+        rows, heads, t, d = k.shape
+        if self.buffers is None:
+            shape = (images, self.capacity, rows // images, heads, d)
+            self.buffers = (k.new_empty(shape), v.new_empty(shape))
+        for buffer, new in zip(self.buffers, (k, v)):
+            buffer[:, self.start:self.end] = new.view(images, -1, heads, t, d).permute(0, 3, 1, 2, 4)
+        return tuple(b[:, : self.end].flatten(1, 2).transpose(1, 2) for b in self.buffers)
+
+
 class KVCache:
-    """Per-layer decoding state: ``cross_k``/``cross_v`` (fixed) and ``k``/``v`` (growing)."""
+    """Decoding state of every layer (:class:`LayerCache`). The rows being decoded are the
+    images' beams, rows i*B .. i*B+B-1 of image i (B set by the first step). ``slots[r, p]``
+    is the beam whose keys/values at position p row r reads: a beam reorder rewrites this
+    table, not the keys."""
 
-    layers: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    length: int = 0  # number of tokens already fed
+    def __init__(self, layers: list[LayerCache]):
+        self.layers = layers
+        self.length = 0  # positions fed so far
+        self.slots: torch.Tensor | None = None  # (rows, capacity) long
 
-    def index_select(self, index: torch.Tensor, include_cross: bool = True) -> None:
-        """Reorder (or expand) the batch dimension of every cached tensor in place."""
+    def extend(self, rows: int, t: int, device: torch.device) -> torch.Tensor:
+        """Start a step of ``t`` positions for ``rows`` rows: the self-attention mask, per
+        image (images, 1, B*t, positions*B), True where a query may attend."""
+        capacity, images = self.layers[0].capacity, self.layers[0].cross_k.size(0)
+        start, end = self.length, self.length + t
+        if end > capacity:
+            raise ValueError(f"cache holds {capacity} positions, {end} were fed")
+        beams = rows // images
+        own = torch.arange(rows, device=device) % beams
+        if self.slots is None:
+            self.slots = own[:, None].repeat(1, capacity)
+        self.slots[:, start:end] = own[:, None]
         for layer in self.layers:
-            for name, tensor in layer.items():
-                if include_cross or not name.startswith("cross_"):
-                    layer[name] = tensor.index_select(0, index)
+            layer.start, layer.end = start, end
+        self.length = end
+        ancestor = self.slots[:, :end, None] == torch.arange(beams, device=device)  # (R, L, B)
+        causal = torch.arange(end, device=device) <= torch.arange(start, end, device=device)[:, None]
+        mask = ancestor[:, None] & causal[None, :, :, None]  # (R, t, L, B)
+        return mask.view(images, 1, beams * t, end * beams)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row r continues row ``index[r]`` (``index`` must stay within each image)."""
+        if self.slots is not None:
+            beams = self.slots.size(0) // self.layers[0].cross_k.size(0)
+            rows = torch.arange(index.numel(), device=index.device)
+            torch._assert_async((index // beams == rows // beams).all(),
+                                "KVCache.reorder: a row can only continue a beam of its image")
+            self.slots = self.slots.index_select(0, index)
+
+    def clear(self) -> None:
+        """Forget the fed positions (the rows may change); the images' keys/values stay."""
+        self.length, self.slots = 0, None
+        for layer in self.layers:
+            layer.buffers = None
 
 
 class TransformerTextualHead(nn.Module):
@@ -304,7 +365,7 @@ class TransformerTextualHead(nn.Module):
         layers = []
         for layer in self.layers:
             k, v = layer.cross_attn.project_kv(memory)
-            layers.append({"cross_k": k, "cross_v": v})
+            layers.append(LayerCache(k, v, self.max_caption_length))
         return KVCache(layers)
 
     def step(
@@ -323,10 +384,10 @@ class TransformerTextualHead(nn.Module):
             return self.decode(tokens, memory)[:, -1]
         last = tokens[:, -1:] if tokens.dim() == 2 else tokens[:, None]
         x = self.embedding(last, start=cache.length)
+        mask = cache.extend(x.size(0), x.size(1), x.device)
         for layer, layer_cache in zip(self.layers, cache.layers):
-            memory_kv = (layer_cache["cross_k"], layer_cache["cross_v"])
-            x = layer(x, memory_kv, mask=None, cache=layer_cache)
-        cache.length += 1
+            memory_kv = (layer_cache.cross_k, layer_cache.cross_v)
+            x = layer(x, memory_kv, mask=mask, cache=layer_cache)
         return self.output(x[:, -1])
 
 
