@@ -48,10 +48,16 @@ def _error_line(res: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def _as_in_a_terminal() -> None:
+    """Ctrl-C as a terminal delivers it: a run started from a background job (nohup, '&')
+    inherits SIGINT ignored, and Python then never turns SIGINT into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "virtex.run", *args], cwd=REPO,
                             env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_as_in_a_terminal)
 
 
 def _wait_for(predicate, timeout: float = 300, every: float = 0.002) -> bool:
