@@ -58,8 +58,7 @@ class _Stepper:
         """Repeat each image ``repeats`` times (image i -> rows i*repeats .. +repeats-1);
         the cache keeps one copy of each image's cross-attention keys/values."""
         if self.cache is None:
-            index = torch.arange(self.memory.size(0), device=self.memory.device)
-            self.memory = self.memory.index_select(0, index.repeat_interleave(repeats))
+            self.memory = self.memory.repeat_interleave(repeats, dim=0)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Beam reordering; index stays within each image's beams, so cross K/V is kept."""
@@ -295,8 +294,7 @@ class _PaperStepper:
     def expand(self, beams: int) -> None:
         """Rows i*beams .. +beams-1 decode image i."""
         if self.cache is None:
-            index = torch.arange(self.visual.size(0), device=self.visual.device)
-            self.visual = self.visual.index_select(0, index.repeat_interleave(beams))
+            self.visual = self.visual.repeat_interleave(beams, dim=0)
 
     def reorder(self, index: torch.Tensor) -> None:
         if self.cache is not None:
