@@ -10,8 +10,9 @@ The model is the paper's VirTex: ResNet-50 + a 1-layer, 2048-wide Transformer he
 visual features in this process with ``--steps`` steps of beam search, either re-running
 the decoder over the whole prefix at every step ("naive"; for the paper search this is the
 original's step: every beam runs the whole textual head, its image's visual projection
-included) or feeding one token per step against cached keys/values ("cached"). The [EOS] and [SOS] output biases are set to -1e4
-so that every beam of every run goes all ``--steps`` steps (checked). The ResNet forward,
+included) or feeding one token per step against cached keys/values ("cached"). The [EOS]
+and [SOS] output biases are set to -1e4 so that every beam of every run goes all
+``--steps`` steps (checked). The ResNet forward,
 the same for all, is timed on its own row. The naive runs decode the first
 ``--naive-batch`` images only (they are compute-bound from a few images on, so captions/s
 hardly depends on it; the cached runs need a large batch to stop waiting for the weights
@@ -48,7 +49,8 @@ DECODERS = ("paper", "standard")
 
 
 def runs(decoders: list[str]) -> dict[str, tuple[str, bool]]:
-    """'decoder, path' -> (decoder, use_cache), each decoder's naive run just before its cached one."""
+    """'decoder, path' -> (decoder, use_cache); each decoder's naive run comes just before
+    its cached one."""
     return {f"{decoder}, {path}": (decoder, path == "cached")
             for decoder in decoders for path in ("naive", "cached")}
 
@@ -125,16 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(a.rounds):
             seconds, features = timed(lambda: model.visual(images), device)
             best["visual"] = min(best["visual"], seconds)
-            rate = {}
+            round_rate = {}
             for name, (decoder, use_cache) in named.items():
                 batch = features if use_cache else features[: a.naive_batch]
                 seconds, outputs[name] = timed(
                     lambda d=decoder, c=use_cache, f=batch: caption(
                         model, f, a.beam, a.steps, d, c), device)
                 best[name] = min(best[name], seconds)
-                rate[name] = batch.size(0) / seconds
+                round_rate[name] = batch.size(0) / seconds
             for decoder in decoders:
-                per_round[decoder].append(rate[f"{decoder}, cached"] / rate[f"{decoder}, naive"])
+                per_round[decoder].append(round_rate[f"{decoder}, cached"]
+                                          / round_rate[f"{decoder}, naive"])
 
     lengths = {len(ids) for out in outputs.values() for ids in out}
     if lengths != {a.steps}:

@@ -73,7 +73,6 @@ def test_step_cache_logits_match_full_decoder():
     assert cache.length == 12 and cache.layers[0].buffers[0].shape == (3, 20, 1, 4, 16)
 
 
-
 def test_beams_share_their_images_cross_attention_and_reorder_exactly():
     """Rows i*B .. i*B+B-1 (beams of image i) read image i's cross-attention keys/values,
     stored once; reordering beams mid-caption gives the logits of the reordered prefixes."""
@@ -97,6 +96,7 @@ def test_beams_share_their_images_cross_attention_and_reorder_exactly():
             assert torch.allclose(step, expected, atol=1e-10, rtol=0), t
     with pytest.raises(ValueError, match="cache holds 20 positions, 21 were fed"):
         cache.extend(3 * beams, 13, tokens.device)
+
 
 def train_head(sequences: list[list[int]], steps: int = 50) -> tuple:
     """Overfit a tiny head so that image i is captioned with sequences[i]."""
