@@ -188,19 +188,26 @@ class LayerCache:
     def __init__(self, cross_k: torch.Tensor, cross_v: torch.Tensor, capacity: int):
         self.cross_k, self.cross_v, self.capacity = cross_k, cross_v, capacity
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.start, self.end = 0, 0  # positions written by the step in progress
+        self.length = 0  # positions written
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's (rows, heads, T, d) keys/values; return every image's keys/values
-        so far as (images, heads, positions * B, d), position-major."""
+        """Write this step's (rows, heads, T, d) keys/values after the positions written so
+        far; return every image's keys/values as (images, heads, positions * B, d),
+        position-major."""
         images = self.cross_k.size(0)
         rows, heads, t, d = k.shape
         if self.buffers is None:
             shape = (images, self.capacity, rows // images, heads, d)
             self.buffers = (k.new_empty(shape), v.new_empty(shape))
+        start, self.length = self.length, self.length + t
         for buffer, new in zip(self.buffers, (k, v)):
-            buffer[:, self.start:self.end] = new.view(images, -1, heads, t, d).permute(0, 3, 1, 2, 4)
-        return tuple(b[:, : self.end].flatten(1, 2).transpose(1, 2) for b in self.buffers)
+            new = new.view(images, -1, heads, t, d).permute(0, 3, 1, 2, 4)
+            buffer[:, start:self.length] = new
+        return tuple(b[:, : self.length].flatten(1, 2).transpose(1, 2) for b in self.buffers)
+
+    def clear(self) -> None:
+        """Forget the written positions; the cross-attention keys/values stay."""
+        self.buffers, self.length = None, 0
 
 
 class KVCache:
@@ -226,11 +233,10 @@ class KVCache:
         if self.slots is None:
             self.slots = own[:, None].repeat(1, capacity)
         self.slots[:, start:end] = own[:, None]
-        for layer in self.layers:
-            layer.start, layer.end = start, end
         self.length = end
         ancestor = self.slots[:, :end, None] == torch.arange(beams, device=device)  # (R, L, B)
-        causal = torch.arange(end, device=device) <= torch.arange(start, end, device=device)[:, None]
+        fed = torch.arange(start, end, device=device)[:, None]
+        causal = torch.arange(end, device=device) <= fed
         mask = ancestor[:, None] & causal[None, :, :, None]  # (R, t, L, B)
         return mask.view(images, 1, beams * t, end * beams)
 
@@ -247,7 +253,7 @@ class KVCache:
         """Forget the fed positions (the rows may change); the images' keys/values stay."""
         self.length, self.slots = 0, None
         for layer in self.layers:
-            layer.buffers = None
+            layer.clear()
 
 
 class TransformerTextualHead(nn.Module):
