@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cli import run_cli
+from cli import REPO, run_cli
 
 
 def _spec(tmp_path: Path, text: str, name: str = "s.gin") -> Path:
@@ -91,6 +91,15 @@ def test_unknown_flag_of_the_local_launcher(tmp_path):
     spec = _spec(tmp_path, BASE)
     _one_line_error(run_cli(str(spec), "--slurm_partition", "gpu", cwd=tmp_path),
                     "unrecognized arguments: --slurm_partition gpu")
+
+
+def test_a_spec_runs_again_where_its_first_run_was_written(tmp_path):
+    """The working directory's run folder ``runs/`` (a namespace package to Python) does not
+    break the paper specs' ``include 'runs/....gin'`` (the quickstart's second run did)."""
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    res = run_cli(str(REPO / "specs" / "quickstart.gin"), "--print_config", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "experiment.backbone" in res.stdout
 
 
 def test_print_config_runs_nothing(tmp_path):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import gin
 from gin import config as gin_config
+from gin import resource_reader as gin_resource_reader
 
 from virtex.errors import UserError
 from virtex.registry import KINDS, Registry, get_registry, unknown_name_message
@@ -101,6 +104,28 @@ def normalize_param(param: str) -> tuple[str, str]:
     except Exception:  # not a gin literal: take the text as a string
         value = repr(value)
     return name, value
+
+
+def _package_file_exists(config_path: str) -> bool:
+    """gin's check for an included file inside a Python package (``include 'a/b.gin'``
+    looks for ``b.gin`` in package ``a``), except that a folder that is only a namespace
+    package (no file of its own) holds none. gin's own check crashes on such a folder, and
+    the working directory has one as soon as a run is written there: ``runs/``, which
+    ``include 'runs/pretrain.gin'`` would then look into."""
+    try:
+        spec = importlib.util.find_spec(os.path.dirname(config_path).replace("/", "."))
+    except (ImportError, ValueError):
+        return False
+    if spec is None or spec.origin is None:
+        return False
+    return gin_resource_reader.system_path_file_exists(config_path)
+
+
+gin_config._FILE_READERS[:] = [
+    (reader, _package_file_exists if check is gin_resource_reader.system_path_file_exists
+     else check)
+    for reader, check in gin_config._FILE_READERS
+]
 
 
 def parse_spec(
